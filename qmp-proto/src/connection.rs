@@ -1,0 +1,755 @@
+//! The state machine of one QMP connection.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::time::Instant;
+
+use serde_json::value::RawValue;
+
+use crate::command::{Command, RequestId};
+use crate::config::Config;
+use crate::error::{
+    CloseReason, CommandError, Excerpt, Malformed, MalformedKind, ProtocolError, SendError,
+};
+use crate::framing::{FrameError, JsonSplitter};
+use crate::message::{Event, Greeting, QmpError, RawJson, Timestamp, Unmatched};
+use crate::transmit::{Transmit, TransmitBuf};
+use crate::wire::{self, Members};
+
+/// Id of the `qmp_capabilities` the connection sends itself; user ids start at 1.
+const NEGOTIATION_ID: u64 = 0;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum State {
+    /// Waiting for the server's greeting. Commands sent now are queued.
+    AwaitingGreeting,
+    /// `qmp_capabilities` sent, waiting for its response. Commands sent now are queued.
+    Negotiating,
+    /// Commands flow.
+    Ready,
+    /// Terminal; see [`Connection::close_reason`].
+    Closed,
+}
+
+/// Something that happened on the connection, from [`Connection::poll_output`], in the order the
+/// bytes that caused it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output {
+    /// The server's greeting arrived.
+    Greeting(Greeting),
+    /// The handshake finished; queued commands are being written. `oob` says whether out-of-band
+    /// execution was negotiated.
+    Ready {
+        /// Whether OOB is enabled.
+        oob: bool,
+    },
+    /// The outcome of a request. Exactly one per id returned by
+    /// [`send`](Connection::send), unless it was [`cancel`](Connection::cancel)led.
+    Response {
+        /// The request.
+        id: RequestId,
+        /// The return value, or why there is none.
+        result: Result<RawJson, CommandError>,
+    },
+    /// An asynchronous event.
+    Event(Event),
+    /// A response that matches no request (see [`Unmatched`]). The connection carries on.
+    Unmatched(Unmatched),
+    /// Something the server sent was skipped. The connection carries on.
+    Malformed(Malformed),
+    /// The session ended. Always the last output, and only once; every pending request has been
+    /// completed before it.
+    Closed(CloseReason),
+}
+
+/// Counters for diagnostics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Bytes passed to [`Connection::handle_input`] while open.
+    pub bytes_received: u64,
+    /// Bytes acknowledged through [`Connection::advance_transmit`].
+    pub bytes_sent: u64,
+    /// Complete messages received.
+    pub messages: u64,
+    /// Events delivered.
+    pub events: u64,
+    /// Malformed messages and junk runs skipped.
+    pub malformed: u64,
+    /// Responses that matched no request.
+    pub unmatched: u64,
+    /// Requests that timed out.
+    pub timed_out: u64,
+    /// Late responses to timed-out or cancelled requests, dropped.
+    pub late: u64,
+    /// Bytes passed to [`Connection::handle_input`] after the connection closed, ignored.
+    pub ignored_after_close: u64,
+}
+
+/// One QMP connection, without any IO: bytes in, outputs out, bytes to send in a buffer you drain.
+///
+/// # Driving it
+///
+/// 1. Make one input or change: [`handle_input`](Self::handle_input),
+///    [`handle_eof`](Self::handle_eof), [`handle_timeout`](Self::handle_timeout),
+///    [`send`](Self::send), [`cancel`](Self::cancel) or [`close`](Self::close).
+/// 2. Drain [`poll_output`](Self::poll_output) until `None`.
+/// 3. Write [`poll_transmit`](Self::poll_transmit) to the transport and acknowledge what was written
+///    with [`advance_transmit`](Self::advance_transmit), until `None` or the transport would block.
+/// 4. Wait until the transport is readable (only if [`wants_read`](Self::wants_read)), writable (if
+///    [`wants_write`](Self::wants_write)), a command arrives from your application, or the time
+///    [`poll_timeout`](Self::poll_timeout) says, then go to 1.
+///
+/// Outputs come before transmits because draining them can resume paused processing, which may
+/// queue bytes to send.
+///
+/// ```
+/// use qmp_proto::{Command, Connection, Output};
+///
+/// let mut conn = Connection::default();
+/// let id = conn.send(Command::new("query-status"))?; // queued until the handshake is done
+///
+/// conn.handle_input(br#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+///     "package": ""}, "capabilities": ["oob"]}}"#);
+/// assert!(matches!(conn.poll_output(), Some(Output::Greeting(g)) if g.version.major == 10));
+/// let sent = conn.poll_transmit().unwrap().data.to_vec();
+/// assert_eq!(sent, br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":0}
+/// "#);
+/// conn.advance_transmit(sent.len());
+///
+/// conn.handle_input(b"{\"return\": {}, \"id\": 0}\r\n");
+/// assert_eq!(conn.poll_output(), Some(Output::Ready { oob: true }));
+/// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"query-status\",\"id\":1}\n");
+///
+/// conn.handle_input(b"{\"return\": {\"status\": \"running\"}, \"id\": 1}\r\n");
+/// let Some(Output::Response { id: got, result: Ok(status) }) = conn.poll_output() else { panic!() };
+/// assert_eq!((got, status.get()), (id, r#"{"status": "running"}"#));
+/// # Ok::<(), qmp_proto::SendError>(())
+/// ```
+pub struct Connection {
+    splitter: JsonSplitter,
+    session: Session,
+}
+
+/// Everything but the splitter, so a frame borrowed from the splitter can be handed to it.
+struct Session {
+    config: Config,
+    state: State,
+    greeting: Option<Greeting>,
+    oob: bool,
+    next_id: u64,
+    pending: BTreeMap<u64, Entry>,
+    /// Queued requests in submission order: all of them before `Ready`, then in-band ones
+    /// waiting for a window slot.
+    queue: VecDeque<u64>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// In-band requests written and unanswered (abandoned ones included: they hold QEMU's queue).
+    in_band_in_flight: usize,
+    transmit: TransmitBuf,
+    outputs: VecDeque<Output>,
+    /// Processing stopped because `outputs` was full.
+    paused: bool,
+    eof: bool,
+    /// Size of the message cut off by EOF, if any.
+    truncated: Option<usize>,
+    close_reason: Option<CloseReason>,
+    stats: Stats,
+}
+
+struct Entry {
+    oob: bool,
+    deadline: Option<Instant>,
+    /// A user-sent `qmp_capabilities` asking for OOB.
+    enables_oob: bool,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Not written yet; its wire bytes wait here.
+    Queued { bytes: Vec<u8>, fds: bool },
+    /// Written (or in the transmit buffer); a response is awaited.
+    InFlight,
+    /// Cancelled or timed out after being written: the response will be dropped.
+    Abandoned,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self::new(Config::default())
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.session;
+        f.debug_struct("Connection")
+            .field("state", &s.state)
+            .field("oob", &s.oob)
+            .field("pending", &s.pending.len())
+            .field("queued", &s.queue.len())
+            .field("outputs", &s.outputs.len())
+            .field("to_send", &s.transmit.pending())
+            .field("buffered", &self.splitter.buffered())
+            .field("close_reason", &s.close_reason)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// A connection waiting for the server's greeting.
+    pub fn new(config: Config) -> Self {
+        Self {
+            splitter: JsonSplitter::new(config.max_message_size, config.max_depth),
+            session: Session {
+                config,
+                state: State::AwaitingGreeting,
+                greeting: None,
+                oob: false,
+                next_id: NEGOTIATION_ID + 1,
+                pending: BTreeMap::new(),
+                queue: VecDeque::new(),
+                deadlines: BTreeSet::new(),
+                in_band_in_flight: 0,
+                transmit: TransmitBuf::default(),
+                outputs: VecDeque::new(),
+                paused: false,
+                eof: false,
+                truncated: None,
+                close_reason: None,
+                stats: Stats::default(),
+            },
+        }
+    }
+
+    // --- Getters -------------------------------------------------------------------------------
+
+    /// Where the connection is in its life.
+    pub fn state(&self) -> State {
+        self.session.state
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.session.config
+    }
+
+    /// The server's greeting, once it has arrived.
+    pub fn greeting(&self) -> Option<&Greeting> {
+        self.session.greeting.as_ref()
+    }
+
+    /// Whether out-of-band execution is negotiated.
+    pub fn oob_enabled(&self) -> bool {
+        self.session.oob
+    }
+
+    /// Requests awaiting an outcome: queued or in flight (not abandoned ones).
+    pub fn pending(&self) -> usize {
+        self.session
+            .pending
+            .values()
+            .filter(|e| !matches!(e.stage, Stage::Abandoned))
+            .count()
+    }
+
+    /// Requests written and unanswered, abandoned ones included.
+    pub fn in_flight(&self) -> usize {
+        self.session
+            .pending
+            .values()
+            .filter(|e| !matches!(e.stage, Stage::Queued { .. }))
+            .count()
+    }
+
+    /// Whether the connection wants more input: false once closed or at EOF, and while
+    /// `max_buffered_outputs` outputs wait to be polled.
+    pub fn wants_read(&self) -> bool {
+        let s = &self.session;
+        s.state != State::Closed && !s.eof && !s.paused
+    }
+
+    /// Whether [`poll_transmit`](Self::poll_transmit) has bytes.
+    pub fn wants_write(&self) -> bool {
+        self.session.transmit.pending() > 0
+    }
+
+    /// Whether the connection is closed.
+    pub fn is_closed(&self) -> bool {
+        self.session.state == State::Closed
+    }
+
+    /// Why the connection closed, once it has. Sticky.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.session.close_reason.as_ref()
+    }
+
+    /// Counters for diagnostics.
+    pub fn stats(&self) -> Stats {
+        self.session.stats
+    }
+
+    /// Bytes of input held: an unfinished message plus input not yet processed.
+    pub fn buffered_input(&self) -> usize {
+        self.splitter.buffered()
+    }
+
+    // --- Inputs --------------------------------------------------------------------------------
+
+    /// Bytes read from the transport, in any chunking. Processing stops when
+    /// `max_buffered_outputs` outputs are waiting and resumes as they are polled; call this only
+    /// while [`wants_read`](Self::wants_read) to keep memory bounded. Ignored after close.
+    pub fn handle_input(&mut self, bytes: &[u8]) {
+        if self.session.state == State::Closed || self.session.eof {
+            self.session.stats.ignored_after_close += bytes.len() as u64;
+            return;
+        }
+        self.session.stats.bytes_received += bytes.len() as u64;
+        self.splitter.push(bytes);
+        self.process();
+    }
+
+    /// The transport reached end of stream. Messages already received are still delivered; then
+    /// every pending request fails with [`CommandError::Closed`] and [`Output::Closed`] follows.
+    pub fn handle_eof(&mut self) {
+        if self.session.state == State::Closed || self.session.eof {
+            return;
+        }
+        self.session.eof = true;
+        self.splitter.finish();
+        self.process();
+    }
+
+    /// Fails requests whose deadline is at or before `now` with [`CommandError::TimedOut`]. Early
+    /// or repeated calls do nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.session.expire(now);
+    }
+
+    // --- Mutators ------------------------------------------------------------------------------
+
+    /// Queues a command and returns its id. It is written as soon as the handshake is done and,
+    /// for in-band commands while OOB is on, a window slot is free. Its outcome arrives as one
+    /// [`Output::Response`].
+    #[must_use = "the id is how the response is recognised"]
+    pub fn send(&mut self, cmd: Command) -> Result<RequestId, SendError> {
+        self.session.send(cmd)
+    }
+
+    /// Gives up on a request; no response will be output for it. A request not yet written is
+    /// dropped and never sent. One already written stays on the wire: its response is discarded
+    /// when it arrives, and until then it keeps its window slot. Returns false if the request had
+    /// already completed.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        self.session.cancel(id.0)
+    }
+
+    /// Closes the connection locally: every pending request fails with [`CommandError::Closed`],
+    /// then [`Output::Closed`]`(`[`CloseReason::Local`]`)` follows. Unwritten bytes are dropped.
+    pub fn close(&mut self) {
+        self.session.close(CloseReason::Local);
+    }
+
+    // --- Outputs -------------------------------------------------------------------------------
+
+    /// The next output, in arrival order. Draining outputs resumes processing that was paused by
+    /// `max_buffered_outputs`.
+    #[must_use = "outputs carry responses that complete requests"]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        let out = self.session.outputs.pop_front();
+        if self.session.paused
+            && self.session.outputs.len() < self.session.config.max_buffered_outputs
+        {
+            self.session.paused = false;
+            self.process();
+        }
+        out
+    }
+
+    /// Bytes to write, if any. Call [`advance_transmit`](Self::advance_transmit) with how many
+    /// were written.
+    #[must_use]
+    pub fn poll_transmit(&self) -> Option<Transmit<'_>> {
+        self.session.transmit.peek()
+    }
+
+    /// Acknowledges `n` bytes of the last [`poll_transmit`](Self::poll_transmit) as written (a
+    /// partial write is fine; the rest stays queued).
+    pub fn advance_transmit(&mut self, n: usize) {
+        let n = self.session.transmit.advance(n);
+        self.session.stats.bytes_sent += n as u64;
+    }
+
+    /// The earliest request deadline: call [`handle_timeout`](Self::handle_timeout) then.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.session.deadlines.first().map(|&(at, _)| at)
+    }
+
+    // --- Processing ----------------------------------------------------------------------------
+
+    fn process(&mut self) {
+        let s = &mut self.session;
+        while s.state != State::Closed {
+            if s.outputs.len() >= s.config.max_buffered_outputs {
+                s.paused = true;
+                return;
+            }
+            match self.splitter.next_frame() {
+                Some(Ok(frame)) => s.on_message(frame),
+                Some(Err(e)) => s.on_frame_error(e),
+                None => {
+                    if s.eof {
+                        s.on_eof();
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Session {
+    fn output(&mut self, output: Output) {
+        self.outputs.push_back(output);
+    }
+
+    fn malformed(&mut self, kind: MalformedKind, bytes: &[u8]) {
+        self.stats.malformed += 1;
+        self.output(Output::Malformed(Malformed {
+            kind,
+            excerpt: Excerpt::new(bytes),
+        }));
+    }
+
+    fn on_frame_error(&mut self, e: FrameError) {
+        let kind = match e {
+            FrameError::TooLarge { size } => MalformedKind::TooLarge { size },
+            FrameError::TooDeep { size } => MalformedKind::TooDeep { size },
+            FrameError::NotAnObject { size } => MalformedKind::NotAnObject { size },
+            FrameError::UnexpectedBytes { len, head } => {
+                return self.malformed(MalformedKind::UnexpectedBytes { len }, &head);
+            }
+            FrameError::Truncated { len } => {
+                self.truncated = Some(len);
+                return;
+            }
+        };
+        self.malformed(kind, &[]);
+    }
+
+    fn on_message(&mut self, frame: &[u8]) {
+        self.stats.messages += 1;
+        let Ok(text) = std::str::from_utf8(frame) else {
+            return self.malformed(MalformedKind::InvalidUtf8, frame);
+        };
+        let m = match Members::parse(text) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = e.to_string();
+                return self.malformed(MalformedKind::InvalidJson { reason }, frame);
+            }
+        };
+        if let Some(qmp) = m.qmp {
+            return self.on_greeting(qmp, frame);
+        }
+        if self.state == State::AwaitingGreeting {
+            // Only a valid message counts: junk before the greeting is reported and skipped.
+            let valid = m.ret.is_some() || m.error.is_some() || m.event.is_some();
+            if valid {
+                let excerpt = Excerpt::new(frame);
+                return self.close(ProtocolError::BadGreeting(excerpt).into());
+            }
+        }
+        if let Some(error) = m.error {
+            let error = QmpError::parse(error);
+            return self.on_response(&m, Err(error));
+        }
+        if let Some(ret) = m.ret {
+            return self.on_response(&m, Ok(ret));
+        }
+        if let Some(name) = m.event.and_then(wire::string) {
+            self.stats.events += 1;
+            let event = Event {
+                name,
+                data: m.data.map(RawJson::from_raw),
+                timestamp: Timestamp::parse(m.timestamp),
+            };
+            return self.output(Output::Event(event));
+        }
+        self.malformed(MalformedKind::Unclassifiable, frame);
+    }
+
+    fn on_greeting(&mut self, qmp: &RawValue, frame: &[u8]) {
+        if self.state != State::AwaitingGreeting {
+            return self.malformed(MalformedKind::UnexpectedGreeting, frame);
+        }
+        let Some(greeting) = Greeting::parse(qmp) else {
+            return self.close(ProtocolError::BadGreeting(Excerpt::new(frame)).into());
+        };
+        let offers_oob = greeting.has_capability("oob");
+        self.greeting = Some(greeting.clone());
+        self.output(Output::Greeting(greeting));
+        if !self.config.negotiate {
+            return self.become_ready(false);
+        }
+        self.state = State::Negotiating;
+        let out = self.transmit.buf();
+        if self.config.enable_oob && offers_oob {
+            out.extend_from_slice(
+                br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":0}"#,
+            );
+        } else {
+            out.extend_from_slice(br#"{"execute":"qmp_capabilities","id":0}"#);
+        }
+        out.push(b'\n');
+    }
+
+    fn become_ready(&mut self, oob: bool) {
+        self.state = State::Ready;
+        self.oob = oob;
+        self.output(Output::Ready { oob });
+        // Out-of-band commands queued before the handshake go first (that is what OOB is for);
+        // without OOB they cannot be sent at all.
+        let queued: Vec<u64> = self.queue.iter().copied().collect();
+        for id in queued {
+            if !self.pending.get(&id).is_some_and(|e| e.oob) {
+                continue;
+            }
+            self.queue.retain(|&q| q != id);
+            if oob {
+                self.write(id);
+            } else {
+                self.complete(id, Err(CommandError::OobUnavailable));
+            }
+        }
+        self.pump();
+    }
+
+    fn on_response(&mut self, m: &Members<'_>, result: Result<&RawValue, QmpError>) {
+        if self.state == State::Negotiating && m.numeric_id() == Some(NEGOTIATION_ID) {
+            return match result {
+                Ok(_) => {
+                    let oob = self.config.enable_oob
+                        && self
+                            .greeting
+                            .as_ref()
+                            .is_some_and(|g| g.has_capability("oob"));
+                    self.become_ready(oob)
+                }
+                Err(e) => self.close(ProtocolError::NegotiationRejected(e).into()),
+            };
+        }
+        let entry = m.numeric_id().and_then(|id| {
+            let e = self.pending.get(&id)?;
+            // A response to a request not yet written is a forgery or a stray: not ours.
+            (!matches!(e.stage, Stage::Queued { .. })).then_some(id)
+        });
+        let Some(id) = entry else {
+            self.stats.unmatched += 1;
+            let unmatched = Unmatched {
+                id: m.id.map(RawJson::from_raw),
+                result: result.map(RawJson::from_raw),
+            };
+            return self.output(Output::Unmatched(unmatched));
+        };
+        let Some(e) = self.pending.remove(&id) else {
+            return;
+        };
+        if let Some(at) = e.deadline {
+            self.deadlines.remove(&(at, id));
+        }
+        if !e.oob {
+            self.in_band_in_flight -= 1;
+        }
+        match e.stage {
+            Stage::Abandoned => self.stats.late += 1,
+            _ => {
+                if e.enables_oob && result.is_ok() {
+                    self.oob = true;
+                }
+                let result = result.map(RawJson::from_raw).map_err(CommandError::Qmp);
+                self.output(Output::Response {
+                    id: RequestId(id),
+                    result,
+                });
+            }
+        }
+        self.pump();
+    }
+
+    fn on_eof(&mut self) {
+        let reason = match (self.state, self.truncated) {
+            (State::AwaitingGreeting | State::Negotiating, _) => {
+                ProtocolError::EofDuringHandshake.into()
+            }
+            (_, Some(buffered)) => ProtocolError::UnexpectedEof { buffered }.into(),
+            _ => CloseReason::PeerClosed,
+        };
+        self.close(reason);
+    }
+
+    fn send(&mut self, cmd: Command) -> Result<RequestId, SendError> {
+        if self.state == State::Closed {
+            return Err(SendError::Closed);
+        }
+        if self.pending.len() >= self.config.max_pending {
+            return Err(SendError::TooManyPending {
+                limit: self.config.max_pending,
+            });
+        }
+        if cmd.is_oob() && self.state == State::Ready && !self.oob {
+            return Err(SendError::OobNotEnabled);
+        }
+        let limit = self.config.max_command_size;
+        if cmd.wire_len_hint().saturating_sub(28) > limit {
+            return Err(SendError::TooLarge {
+                size: cmd.wire_len_hint(),
+                limit,
+            });
+        }
+        let id = self.next_id;
+        self.next_id = id.checked_add(1).ok_or(SendError::IdsExhausted)?;
+        let mut bytes = Vec::with_capacity(cmd.wire_len_hint());
+        cmd.write_wire(id, &mut bytes);
+        if bytes.len() > limit {
+            return Err(SendError::TooLarge {
+                size: bytes.len(),
+                limit,
+            });
+        }
+        let deadline = cmd.deadline_at();
+        if let Some(at) = deadline {
+            self.deadlines.insert((at, id));
+        }
+        let entry = Entry {
+            oob: cmd.is_oob(),
+            deadline,
+            enables_oob: cmd.enables_oob(),
+            stage: Stage::Queued {
+                bytes,
+                fds: cmd.has_fds(),
+            },
+        };
+        self.pending.insert(id, entry);
+        if self.state == State::Ready && cmd.is_oob() {
+            self.write(id);
+        } else {
+            self.queue.push_back(id);
+            self.pump();
+        }
+        Ok(RequestId(id))
+    }
+
+    /// Writes queued in-band requests while the window allows.
+    fn pump(&mut self) {
+        if self.state != State::Ready {
+            return;
+        }
+        let window = if self.oob {
+            self.config.max_in_flight
+        } else {
+            usize::MAX
+        };
+        while self.in_band_in_flight < window {
+            let Some(id) = self.queue.pop_front() else {
+                return;
+            };
+            self.write(id);
+        }
+    }
+
+    /// Moves a queued request's bytes to the transmit buffer.
+    fn write(&mut self, id: u64) {
+        let Some(e) = self.pending.get_mut(&id) else {
+            return;
+        };
+        let Stage::Queued { bytes, fds } = std::mem::replace(&mut e.stage, Stage::InFlight) else {
+            return;
+        };
+        if !e.oob {
+            self.in_band_in_flight += 1;
+        }
+        if fds {
+            self.transmit.mark_fds(RequestId(id));
+        }
+        self.transmit.buf().extend_from_slice(&bytes);
+    }
+
+    /// Completes a request that has not been answered, with `result`.
+    fn complete(&mut self, id: u64, result: Result<RawJson, CommandError>) {
+        let Some(e) = self.pending.remove(&id) else {
+            return;
+        };
+        if let Some(at) = e.deadline {
+            self.deadlines.remove(&(at, id));
+        }
+        self.output(Output::Response {
+            id: RequestId(id),
+            result,
+        });
+    }
+
+    /// Stops waiting for request `id` without outputting anything. Returns false if unknown.
+    fn abandon(&mut self, id: u64) -> bool {
+        let Some(e) = self.pending.get_mut(&id) else {
+            return false;
+        };
+        if let Some(at) = e.deadline.take() {
+            self.deadlines.remove(&(at, id));
+        }
+        match e.stage {
+            Stage::Queued { .. } => {
+                self.pending.remove(&id);
+                self.queue.retain(|&q| q != id);
+            }
+            Stage::InFlight => e.stage = Stage::Abandoned,
+            Stage::Abandoned => return false,
+        }
+        true
+    }
+
+    fn cancel(&mut self, id: u64) -> bool {
+        self.state != State::Closed && self.abandon(id)
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self.deadlines.first().is_some_and(|&(at, _)| at <= now) {
+            let Some((_, id)) = self.deadlines.pop_first() else {
+                break;
+            };
+            if self.abandon(id) {
+                self.stats.timed_out += 1;
+                self.output(Output::Response {
+                    id: RequestId(id),
+                    result: Err(CommandError::TimedOut),
+                });
+            }
+        }
+        self.pump();
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.state = State::Closed;
+        for (id, e) in std::mem::take(&mut self.pending) {
+            if !matches!(e.stage, Stage::Abandoned) {
+                self.output(Output::Response {
+                    id: RequestId(id),
+                    result: Err(CommandError::Closed),
+                });
+            }
+        }
+        self.queue.clear();
+        self.deadlines.clear();
+        self.transmit.clear();
+        self.in_band_in_flight = 0;
+        self.paused = false;
+        self.close_reason = Some(reason.clone());
+        self.output(Output::Closed(reason));
+    }
+}

@@ -1,0 +1,432 @@
+//! Splitting a byte stream into top-level JSON objects, before any parsing.
+//!
+//! QMP frames messages by JSON value, not by line: a `pretty=on` monitor spreads one message over many
+//! lines, and QEMU's own reader ends a message when brace depth returns to zero. [`JsonSplitter`] does
+//! the same with a small state machine that only tracks strings, escapes and nesting depth. It never
+//! rescans a byte, never recurses, and never holds more than one message (bounded by
+//! `max_message_size`) plus the chunk most recently pushed.
+//!
+//! It does not validate JSON: that is the parser's job, once per complete frame.
+
+use std::fmt;
+
+/// Something the splitter skipped instead of yielding a frame. The stream carries on after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A value larger than `max_message_size` bytes; it was skipped without being buffered.
+    TooLarge {
+        /// Size of the whole value in bytes.
+        size: usize,
+    },
+    /// A value nested deeper than `max_depth`; it was skipped without being buffered.
+    TooDeep {
+        /// Size of the whole value in bytes.
+        size: usize,
+    },
+    /// A top-level array: QMP messages are objects. It was skipped without being buffered.
+    NotAnObject {
+        /// Size of the whole array in bytes.
+        size: usize,
+    },
+    /// Bytes between values that cannot start one (junk, control bytes, QGA's `0xFF` sentinel,
+    /// top-level scalars). Trailing whitespace up to the next value is counted in.
+    UnexpectedBytes {
+        /// Length of the run.
+        len: usize,
+        /// The first few bytes of the run (at most [`JUNK_HEAD`]).
+        head: Vec<u8>,
+    },
+    /// The stream ended (see [`JsonSplitter::finish`]) inside a value.
+    Truncated {
+        /// Bytes of the unfinished value.
+        len: usize,
+    },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge { size } => write!(f, "value of {size} bytes exceeds the size limit"),
+            Self::TooDeep { size } => write!(f, "value of {size} bytes exceeds the depth limit"),
+            Self::NotAnObject { size } => write!(f, "top-level array of {size} bytes"),
+            Self::UnexpectedBytes { len, .. } => write!(f, "{len} unexpected bytes between values"),
+            Self::Truncated { len } => write!(f, "stream ended inside a value after {len} bytes"),
+        }
+    }
+}
+
+/// How many bytes of a junk run [`FrameError::UnexpectedBytes`] keeps for diagnostics.
+pub const JUNK_HEAD: usize = 32;
+
+/// Where the scanner stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Between values: whitespace is skipped, `{` or `[` starts a value, anything else is junk.
+    Between,
+    /// Inside an object that is being buffered; it starts at `JsonSplitter::start`.
+    Keep,
+    /// Inside a value that is being skipped; only its size and depth are tracked.
+    Skip(SkipReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SkipReason {
+    Array,
+    TooLarge,
+    TooDeep,
+}
+
+/// An incremental splitter of a byte stream into top-level JSON objects.
+///
+/// Push bytes with [`push`](Self::push), then take frames with [`next_frame`](Self::next_frame) until
+/// it returns `None`. Any chunking of the same bytes yields the same frames and errors in the same
+/// order.
+///
+/// ```
+/// use qmp_proto::framing::{FrameError, JsonSplitter};
+///
+/// let mut s = JsonSplitter::new(1024, 32);
+/// s.push(b"{\"return\": {}}\r\n\xff{\"event\":");
+/// assert_eq!(s.next_frame(), Some(Ok(&b"{\"return\": {}}"[..])));
+/// assert!(matches!(s.next_frame(), Some(Err(FrameError::UnexpectedBytes { len: 1, .. }))));
+/// assert_eq!(s.next_frame(), None); // the event is incomplete
+/// s.push(b" \"STOP\"}");
+/// assert_eq!(s.next_frame(), Some(Ok(&b"{\"event\": \"STOP\"}"[..])));
+/// ```
+pub struct JsonSplitter {
+    buf: Vec<u8>,
+    /// First byte of `buf` not yet scanned.
+    scan: usize,
+    /// First byte of `buf` still needed: the start of the kept value, or `scan` otherwise.
+    keep_from: usize,
+    /// Start of the value being kept (`Mode::Keep`).
+    start: usize,
+    mode: Mode,
+    depth: usize,
+    in_string: bool,
+    escape: bool,
+    /// Size of a skipped value so far (bytes no longer in `buf`).
+    skipped: usize,
+    /// The skipped value went deeper than `max_depth` (takes precedence over size).
+    too_deep: bool,
+    junk_len: usize,
+    junk_head: Vec<u8>,
+    eof: bool,
+    max_size: usize,
+    max_depth: usize,
+}
+
+impl fmt::Debug for JsonSplitter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JsonSplitter")
+            .field("buffered", &self.buffered())
+            .field("mode", &self.mode)
+            .field("depth", &self.depth)
+            .field("max_size", &self.max_size)
+            .field("max_depth", &self.max_depth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JsonSplitter {
+    /// A splitter that skips values larger than `max_size` bytes or nested deeper than `max_depth`.
+    ///
+    /// A `max_depth` of 1 allows `{"a": 1}` but not `{"a": {}}`.
+    pub fn new(max_size: usize, max_depth: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            scan: 0,
+            keep_from: 0,
+            start: 0,
+            mode: Mode::Between,
+            depth: 0,
+            in_string: false,
+            escape: false,
+            skipped: 0,
+            too_deep: false,
+            junk_len: 0,
+            junk_head: Vec::new(),
+            eof: false,
+            max_size: max_size.max(2),
+            max_depth: max_depth.max(1),
+        }
+    }
+
+    /// Appends bytes to the stream. Bytes pushed after [`finish`](Self::finish) are ignored.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.eof || bytes.is_empty() {
+            return;
+        }
+        // Drop what is no longer needed. A partial value is moved at most once (to offset 0), so a
+        // large message arriving in small pieces costs linear time.
+        if self.keep_from > 0 {
+            self.buf.drain(..self.keep_from);
+            self.scan -= self.keep_from;
+            self.start = self.start.saturating_sub(self.keep_from);
+            self.keep_from = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Marks the end of the stream: [`next_frame`](Self::next_frame) then reports an unfinished
+    /// junk run and an unfinished value (as [`FrameError::Truncated`]) before returning `None`.
+    pub fn finish(&mut self) {
+        self.eof = true;
+    }
+
+    /// Bytes held in memory: the unfinished value plus anything pushed but not yet scanned.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.keep_from
+    }
+
+    /// True when the stream is between values with nothing buffered: an EOF here is clean.
+    pub fn is_idle(&self) -> bool {
+        self.mode == Mode::Between && self.junk_len == 0 && self.scan == self.buf.len()
+    }
+
+    /// The next complete top-level object, or what was skipped instead. `None` means more bytes
+    /// are needed (or, after [`finish`](Self::finish), that the stream is done).
+    #[allow(clippy::should_implement_trait)] // the frame borrows the splitter: not an Iterator
+    pub fn next_frame(&mut self) -> Option<Result<&[u8], FrameError>> {
+        match self.advance() {
+            Step::Frame(start, end) => Some(Ok(&self.buf[start..end])),
+            Step::Error(e) => Some(Err(e)),
+            Step::NeedMore => None,
+        }
+    }
+
+    fn advance(&mut self) -> Step {
+        let len = self.buf.len();
+        let mut i = self.scan;
+        if self.mode == Mode::Between {
+            // Skip whitespace and junk up to the next value.
+            while i < len {
+                let b = self.buf[i];
+                if b == b'{' || b == b'[' {
+                    break;
+                }
+                if self.junk_len == 0 && matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
+                    i += 1;
+                    continue;
+                }
+                if self.junk_head.len() < JUNK_HEAD {
+                    self.junk_head.push(b);
+                }
+                self.junk_len += 1;
+                i += 1;
+                if self.junk_len >= self.max_size {
+                    // Report endless junk in bounded pieces rather than never.
+                    break;
+                }
+            }
+            self.scan = i;
+            self.keep_from = i;
+            if self.junk_len > 0 && (i < len || self.eof || self.junk_len >= self.max_size) {
+                return Step::Error(self.take_junk());
+            }
+            if i == len {
+                return Step::NeedMore;
+            }
+            // A value starts here.
+            self.depth = 1;
+            self.in_string = false;
+            self.escape = false;
+            self.too_deep = false;
+            self.skipped = 0;
+            if self.buf[i] == b'{' {
+                self.mode = Mode::Keep;
+                self.start = i;
+            } else {
+                self.mode = Mode::Skip(SkipReason::Array);
+                self.skipped = 1;
+                self.keep_from = i + 1;
+            }
+            i += 1;
+        }
+
+        // Inside a value.
+        let value_start = i;
+        let end = self.scan_value(i);
+        let done = self.depth == 0;
+        if self.mode == Mode::Keep {
+            let size = end - self.start;
+            if !self.too_deep && size <= self.max_size {
+                self.scan = end;
+                if done {
+                    self.mode = Mode::Between;
+                    self.keep_from = end;
+                    return Step::Frame(self.start, end);
+                }
+                return self.need_more();
+            }
+            // Over a limit: stop buffering, keep counting to the end of the value.
+            self.mode = Mode::Skip(if self.too_deep {
+                SkipReason::TooDeep
+            } else {
+                SkipReason::TooLarge
+            });
+            self.skipped = size;
+            if done {
+                return Step::Error(self.end_skip(end));
+            }
+            self.buf.truncate(self.start);
+            self.scan = self.start;
+            self.keep_from = self.start;
+            return self.need_more();
+        }
+        self.skipped += end - value_start;
+        if done {
+            return Step::Error(self.end_skip(end));
+        }
+        // Nothing of a skipped value is kept.
+        self.buf.truncate(value_start);
+        self.scan = value_start;
+        self.keep_from = value_start;
+        self.need_more()
+    }
+
+    /// `NeedMore`, or at end of stream the truncation of the current value (reported once).
+    fn need_more(&mut self) -> Step {
+        if !self.eof || self.mode == Mode::Between {
+            return Step::NeedMore;
+        }
+        let len = match self.mode {
+            Mode::Keep => self.scan - self.start,
+            _ => self.skipped,
+        };
+        self.mode = Mode::Between;
+        self.buf.truncate(self.keep_from);
+        self.scan = self.keep_from;
+        Step::Error(FrameError::Truncated { len })
+    }
+
+    fn take_junk(&mut self) -> FrameError {
+        let len = std::mem::take(&mut self.junk_len);
+        FrameError::UnexpectedBytes {
+            len,
+            head: std::mem::take(&mut self.junk_head),
+        }
+    }
+
+    /// Ends a skipped value whose last byte is just before `end` and says why it was skipped. Depth
+    /// wins over size whichever was noticed first, so the report does not depend on chunking.
+    fn end_skip(&mut self, end: usize) -> FrameError {
+        let reason = self.mode;
+        self.mode = Mode::Between;
+        self.scan = end;
+        self.keep_from = end;
+        let size = self.skipped;
+        match reason {
+            Mode::Skip(SkipReason::Array) => FrameError::NotAnObject { size },
+            _ if self.too_deep => FrameError::TooDeep { size },
+            _ => FrameError::TooLarge { size },
+        }
+    }
+
+    /// Scans inside a value from `i` until the value ends (`depth == 0`, returns the index after
+    /// its last byte) or the buffer does (returns `buf.len()`).
+    fn scan_value(&mut self, mut i: usize) -> usize {
+        let buf = &self.buf[..];
+        let len = buf.len();
+        while i < len {
+            if self.escape {
+                self.escape = false;
+                i += 1;
+                continue;
+            }
+            if self.in_string {
+                match find_string_special(&buf[i..]) {
+                    Some(k) => {
+                        i += k;
+                        if buf[i] == b'\\' {
+                            self.escape = true;
+                        } else {
+                            self.in_string = false;
+                        }
+                        i += 1;
+                    }
+                    None => return len,
+                }
+                continue;
+            }
+            match find_structural(&buf[i..]) {
+                Some(k) => {
+                    i += k;
+                    match buf[i] {
+                        b'"' => self.in_string = true,
+                        b'{' | b'[' => {
+                            self.depth += 1;
+                            if self.depth > self.max_depth {
+                                self.too_deep = true;
+                            }
+                        }
+                        _ => {
+                            self.depth -= 1;
+                            if self.depth == 0 {
+                                return i + 1;
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+                None => return len,
+            }
+        }
+        len
+    }
+}
+
+enum Step {
+    Frame(usize, usize),
+    Error(FrameError),
+    NeedMore,
+}
+
+const fn byte_mask(b: u8) -> u64 {
+    0x0101_0101_0101_0101 * b as u64
+}
+
+/// High bit set in each byte of `w` that equals `b` (exact for the lowest match, which is all the
+/// callers use).
+#[inline(always)]
+fn match_byte(w: u64, b: u8) -> u64 {
+    let x = w ^ byte_mask(b);
+    x.wrapping_sub(byte_mask(1)) & !x & byte_mask(0x80)
+}
+
+/// Index of the first `"` or `\` in `s`. Eight bytes at a time: strings are most of QMP's bytes.
+#[inline]
+fn find_string_special(s: &[u8]) -> Option<usize> {
+    let mut chunks = s.chunks_exact(8);
+    let mut base = 0;
+    for c in &mut chunks {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let m = match_byte(w, b'"') | match_byte(w, b'\\');
+        if m != 0 {
+            return Some(base + (m.trailing_zeros() / 8) as usize);
+        }
+        base += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\')
+        .map(|k| base + k)
+}
+
+/// Index of the first byte outside a string that can change the scanner's state.
+#[inline]
+fn find_structural(s: &[u8]) -> Option<usize> {
+    s.iter().position(|&b| STRUCTURAL[b as usize])
+}
+
+static STRUCTURAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};

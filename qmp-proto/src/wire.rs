@@ -1,0 +1,97 @@
+//! One pass over an incoming message that finds its top-level members without building them.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// The top-level members of a message that matter, as unparsed JSON. Unknown members are skipped.
+#[derive(Default)]
+pub(crate) struct Members<'a> {
+    pub(crate) qmp: Option<&'a RawValue>,
+    pub(crate) ret: Option<&'a RawValue>,
+    pub(crate) error: Option<&'a RawValue>,
+    pub(crate) id: Option<&'a RawValue>,
+    pub(crate) event: Option<&'a RawValue>,
+    pub(crate) data: Option<&'a RawValue>,
+    pub(crate) timestamp: Option<&'a RawValue>,
+}
+
+impl<'a> Members<'a> {
+    /// Parses one message. The text must be exactly one JSON object (the splitter's frames are).
+    pub(crate) fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The id as one of ours: a plain non-negative integer, as we send them.
+    pub(crate) fn numeric_id(&self) -> Option<u64> {
+        let text = self.id?.get();
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        text.parse().ok()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier)]
+enum Field {
+    #[serde(rename = "QMP")]
+    Qmp,
+    #[serde(rename = "return")]
+    Return,
+    #[serde(rename = "error")]
+    Error,
+    #[serde(rename = "id")]
+    Id,
+    #[serde(rename = "event")]
+    Event,
+    #[serde(rename = "data")]
+    Data,
+    #[serde(rename = "timestamp")]
+    Timestamp,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> Visitor<'de> for MembersVisitor {
+            type Value = Members<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a QMP message object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+                let mut m = Members::default();
+                while let Some(field) = map.next_key::<Field>()? {
+                    // Read values as raw JSON, not `Option`, so an explicit `null` is kept.
+                    let slot = match field {
+                        Field::Qmp => &mut m.qmp,
+                        Field::Return => &mut m.ret,
+                        Field::Error => &mut m.error,
+                        Field::Id => &mut m.id,
+                        Field::Event => &mut m.event,
+                        Field::Data => &mut m.data,
+                        Field::Timestamp => &mut m.timestamp,
+                        Field::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(m)
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+/// Reads a JSON string member, unescaping it.
+pub(crate) fn string(raw: &RawValue) -> Option<String> {
+    serde_json::from_str::<String>(raw.get()).ok()
+}
