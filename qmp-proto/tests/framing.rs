@@ -1,0 +1,177 @@
+//! The splitter on its own: framing by JSON value under any chunking, with junk and limits.
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use qmp_proto::framing::{FrameError, JsonSplitter};
+use serde_json::{Map, Value};
+
+/// Every frame and error, feeding `bytes` in `pieces`, then EOF.
+fn split(bytes: &[u8], chunking: Chunking, max_size: usize, max_depth: usize) -> Vec<Result<Vec<u8>, FrameError>> {
+    let mut s = JsonSplitter::new(max_size, max_depth);
+    let mut out = Vec::new();
+    for piece in pieces(bytes, chunking) {
+        s.push(piece);
+        while let Some(f) = s.next_frame() {
+            out.push(f.map(<[u8]>::to_vec));
+        }
+        assert!(s.buffered() <= max_size + piece.len() + 1, "buffer bounded");
+    }
+    s.finish();
+    while let Some(f) = s.next_frame() {
+        out.push(f.map(<[u8]>::to_vec));
+    }
+    assert!(s.is_idle());
+    out
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        (-1e6f64..1e6).prop_map(Value::from),
+        "[a-z{}\\[\\]\"\\\\ \u{e9}\u{1F600}\\n\\t]{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(6, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map("[a-z\"{}]{0,6}", inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+        ]
+    })
+}
+
+fn object() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map("[a-z]{1,6}", json_value(), 0..5).prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
+/// Junk that cannot start a value: whitespace, control bytes, 0xFF, letters, digits, quotes, closers.
+fn junk() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        prop_oneof![Just(b' '), Just(b'\r'), Just(b'\n'), Just(0xFF), Just(0), Just(1), Just(b'x'), Just(b'7'), Just(b'"'), Just(b'}'), Just(b']')],
+        0..6,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Objects rendered compact or pretty (CRLF), with junk between them, split anywhere: the frames
+    /// are exactly the objects, in order, each equal to what serde_json parses.
+    #[test]
+    fn frames_equal_the_objects_under_any_chunking(
+        items in prop::collection::vec((object(), any::<bool>(), junk()), 1..8),
+        seed in any::<u64>(),
+    ) {
+        let mut stream = Vec::new();
+        let mut want = Vec::new();
+        let mut junk_runs = 0;
+        for (obj, pretty, junk) in &items {
+            let text = if *pretty { serde_json::to_string_pretty(obj).unwrap().replace('\n', "\r\n") } else { obj.to_string() };
+            stream.extend_from_slice(text.as_bytes());
+            // Compare with what serde_json reads back (its float printing does not round-trip).
+            want.push(serde_json::from_str::<Value>(&text).unwrap());
+            stream.extend_from_slice(junk);
+            if junk.iter().any(|b| !b" \r\n".contains(b)) { junk_runs += 1; }
+        }
+        let whole = split(&stream, Chunking::Whole, 1 << 20, 127);
+        for chunking in [Chunking::ByteAtATime, Chunking::Random(seed)] {
+            prop_assert_eq!(&split(&stream, chunking, 1 << 20, 127), &whole);
+        }
+        let frames: Vec<Value> = whole.iter().filter_map(|f| f.as_ref().ok()).map(|f| serde_json::from_slice(f).unwrap()).collect();
+        prop_assert_eq!(frames, want);
+        prop_assert_eq!(whole.iter().filter(|f| matches!(f, Err(FrameError::UnexpectedBytes { .. }))).count(), junk_runs);
+    }
+
+    /// Arbitrary bytes: no panic, bounded memory, identical results under any chunking.
+    #[test]
+    fn arbitrary_bytes_split_the_same_under_any_chunking(
+        bytes in prop::collection::vec(prop_oneof![any::<u8>(), Just(b'{'), Just(b'}'), Just(b'"'), Just(b'\\'), Just(b'[')], 0..600),
+        seed in any::<u64>(),
+        max_size in 2usize..200,
+        max_depth in 1usize..8,
+    ) {
+        let whole = split(&bytes, Chunking::Whole, max_size, max_depth);
+        prop_assert_eq!(&split(&bytes, Chunking::ByteAtATime, max_size, max_depth), &whole);
+        prop_assert_eq!(&split(&bytes, Chunking::Random(seed), max_size, max_depth), &whole);
+        for f in whole.iter().flatten() {
+            prop_assert!(f.len() <= max_size);
+        }
+    }
+}
+
+#[test]
+fn sizes_of_skipped_values_are_exact_and_depth_wins_over_size() {
+    let deep = format!("{}{}", "{\"a\":".repeat(10), "}".repeat(10));
+    for chunking in CHUNKINGS {
+        let big = format!("{{\"k\": \"{}\"}}", "x".repeat(300));
+        let stream = format!("{big}\r\n[1, {{\"a\": 2}}]{deep} {{}}");
+        let got = split(stream.as_bytes(), chunking, 100, 4);
+        assert_eq!(
+            got,
+            [
+                Err(FrameError::TooLarge { size: big.len() }),
+                Err(FrameError::NotAnObject { size: 13 }),
+                Err(FrameError::TooDeep { size: deep.len() }),
+                Ok(b"{}".to_vec()),
+            ],
+            "{chunking:?}"
+        );
+        // Too deep and too large at once: always reported as too deep, whatever the chunking.
+        let both = format!("{{\"pad\": \"{}\", \"d\": {}}}", "x".repeat(200), deep);
+        assert_eq!(split(both.as_bytes(), chunking, 100, 4), [Err(FrameError::TooDeep { size: both.len() })]);
+    }
+}
+
+#[test]
+fn ten_thousand_levels_of_nesting_do_not_overflow_anything() {
+    for open in ["[", "{\"a\":"] {
+        let close = if open == "[" { "]" } else { "}" };
+        let body = format!("{}{}", open.repeat(10_000), close.repeat(10_000));
+        let stream = format!("{{\"x\": {body}}}{body}{{\"ok\": 1}}");
+        let got = split(stream.as_bytes(), Chunking::Random(9), 1 << 20, 64);
+        assert!(matches!(got[0], Err(FrameError::TooDeep { .. })));
+        assert!(matches!(got[1], Err(FrameError::TooDeep { .. }) | Err(FrameError::NotAnObject { .. })));
+        assert_eq!(got[2], Ok(b"{\"ok\": 1}".to_vec()));
+    }
+}
+
+#[test]
+fn strings_hide_braces_and_escapes_hide_quotes() {
+    let stream = br#"{"a": "}{][\"\\"}{"b": "\\\"}"}"#;
+    for chunking in CHUNKINGS {
+        assert_eq!(
+            split(stream, chunking, 1 << 10, 8),
+            [Ok(br#"{"a": "}{][\"\\"}"#.to_vec()), Ok(br#"{"b": "\\\"}"}"#.to_vec())]
+        );
+    }
+}
+
+#[test]
+fn eof_inside_a_value_or_junk_is_reported() {
+    assert_eq!(split(b"{\"a\": [1, 2", Chunking::Whole, 100, 8), [Err(FrameError::Truncated { len: 11 })]);
+    assert_eq!(
+        split(b"{}\xff\xfe", Chunking::ByteAtATime, 100, 8),
+        [Ok(b"{}".to_vec()), Err(FrameError::UnexpectedBytes { len: 2, head: vec![0xff, 0xfe] })]
+    );
+    assert_eq!(split(b"{}\r\n \t", Chunking::Whole, 100, 8), [Ok(b"{}".to_vec())], "trailing whitespace is clean");
+}
+
+#[test]
+fn a_fifty_megabyte_message_in_small_pieces_is_buffered_once_and_scanned_once() {
+    // Linear time: if the splitter rescanned or moved the buffer on every push this would take
+    // minutes (12,800 pieces x 50 MB).
+    let body = "y".repeat(50 << 20);
+    let msg = format!("{{\"return\": \"{body}\", \"id\": 1}}");
+    let mut s = JsonSplitter::new(64 << 20, 8);
+    let mut frames = 0;
+    for piece in msg.as_bytes().chunks(4096) {
+        s.push(piece);
+        while let Some(f) = s.next_frame() {
+            assert_eq!(f.unwrap().len(), msg.len());
+            frames += 1;
+        }
+    }
+    assert_eq!(frames, 1);
+}
