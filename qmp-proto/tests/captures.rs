@@ -35,7 +35,9 @@ fn shape(outputs: &[Output]) -> Vec<String> {
 
 fn value(o: &Output) -> Value {
     match o {
-        Output::Response { result: Ok(raw), .. } => raw.to_value().unwrap(),
+        Output::Response {
+            result: Ok(raw), ..
+        } => raw.to_value().unwrap(),
         other => panic!("not a successful response: {other:?}"),
     }
 }
@@ -47,29 +49,65 @@ fn check_qsd_session(out: &[Output], major: u64) {
     assert_eq!(
         kinds,
         [
-            "Greeting(Greeting", "Ready", "unmatched", "unmatched", // before-negotiation; qmp_capabilities
-            "response", "response", "response", "response", // 1..4
-            "event", "event", "response", // created, running, then blockdev-mirror's return
-            "event", "event", "response", // ready, BLOCK_JOB_READY, job-complete
-            "event", "event", "event", "event", "event", // waiting .. null
-            "response", "unmatched", "unmatched", "unmatched", // 7, compound id, 2 id-less errors
-            "response", "response", // 9, schema (10)
-            "response", "Closed(PeerClosed)", // 8 never answered: closed
+            "Greeting(Greeting",
+            "Ready",
+            "unmatched",
+            "unmatched", // before-negotiation; qmp_capabilities
+            "response",
+            "response",
+            "response",
+            "response", // 1..4
+            "event",
+            "event",
+            "response", // created, running, then blockdev-mirror's return
+            "event",
+            "event",
+            "response", // ready, BLOCK_JOB_READY, job-complete
+            "event",
+            "event",
+            "event",
+            "event",
+            "event", // waiting .. null
+            "response",
+            "unmatched",
+            "unmatched",
+            "unmatched", // 7, compound id, 2 id-less errors
+            "response",
+            "response", // 9, schema (10)
+            "response",
+            "Closed(PeerClosed)", // 8 never answered: closed
         ],
         "{shape:#?}"
     );
-    assert!(matches!(&out[0], Output::Greeting(g) if g.version.major == major && g.has_capability("oob")));
+    assert!(
+        matches!(&out[0], Output::Greeting(g) if g.version.major == major && g.has_capability("oob"))
+    );
     assert_eq!(value(&out[4])["qemu"]["major"], major);
-    assert!(matches!(&out[5], Output::Response { result: Err(CommandError::Qmp(e)), .. } if e.class == "CommandNotFound"));
-    assert!(matches!(&out[8], Output::Event(e) if e.name == "JOB_STATUS_CHANGE"
-        && e.data_value().unwrap() == serde_json::json!({"status": "created", "id": "job0"})));
-    assert!(matches!(&out[19], Output::Response { result: Err(CommandError::Qmp(e)), .. } if e.desc.contains("OOB")));
-    assert!(matches!(&out[20], Output::Unmatched(u) if u.id.as_ref().unwrap().to_value().unwrap()["compound"][1] == 1500));
+    assert!(
+        matches!(&out[5], Output::Response { result: Err(CommandError::Qmp(e)), .. } if e.class == "CommandNotFound")
+    );
+    assert!(
+        matches!(&out[8], Output::Event(e) if e.name == "JOB_STATUS_CHANGE"
+        && e.data_value().unwrap() == serde_json::json!({"status": "created", "id": "job0"}))
+    );
+    assert!(
+        matches!(&out[19], Output::Response { result: Err(CommandError::Qmp(e)), .. } if e.desc.contains("OOB"))
+    );
+    assert!(
+        matches!(&out[20], Output::Unmatched(u) if u.id.as_ref().unwrap().to_value().unwrap()["compound"][1] == 1500)
+    );
     assert!(matches!(&out[21], Output::Unmatched(u) if u.id.is_none() && u.result.is_err()));
     let schema = value(&out[24]);
-    let names: Vec<&str> = schema.as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    let names: Vec<&str> = schema
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
     assert!(names.contains(&"blockdev-mirror") && names.contains(&"JOB_STATUS_CHANGE"));
-    assert!(matches!(&out[25], Output::Response { result: Err(CommandError::Closed), id } if id.get() == 8));
+    assert!(
+        matches!(&out[25], Output::Response { result: Err(CommandError::Closed), id } if id.get() == 8)
+    );
     assert_eq!(out[26], Output::Closed(CloseReason::PeerClosed));
 }
 
@@ -85,7 +123,11 @@ fn qsd_sessions_replay_identically_under_every_chunking_compact_and_pretty() {
             assert_eq!(c, reference, "{version} compact {chunking:?}");
             let p = replay(&pretty, 10, chunking);
             check_qsd_session(&p, major);
-            assert_eq!(shape(&p), shape(&reference), "{version} pretty {chunking:?}");
+            assert_eq!(
+                shape(&p),
+                shape(&reference),
+                "{version} pretty {chunking:?}"
+            );
         }
     }
 }
@@ -93,8 +135,17 @@ fn qsd_sessions_replay_identically_under_every_chunking_compact_and_pretty() {
 #[test]
 fn pretty_return_values_keep_their_text_and_parse_like_compact_ones() {
     let out = replay(&data("qsd-10.0-pretty.server.bin"), 10, Chunking::Whole);
-    let Output::Response { result: Ok(raw), .. } = &out[4] else { panic!() };
-    assert!(raw.get().contains("\r\n            \"micro\": 2"), "kept as sent: {}", raw.get());
+    let Output::Response {
+        result: Ok(raw), ..
+    } = &out[4]
+    else {
+        panic!()
+    };
+    assert!(
+        raw.get().contains("\r\n            \"micro\": 2"),
+        "kept as sent: {}",
+        raw.get()
+    );
     assert_eq!(raw.to_value().unwrap()["qemu"]["micro"], 2);
 }
 
@@ -110,17 +161,36 @@ fn qemu_system_session_with_events_hmp_schema_and_quit() {
     assert_eq!(
         kinds,
         [
-            "Greeting(Greeting", "Ready", "unmatched", "event", "response", "event", "response",
-            "response", "response", "response", "response", "event", "response", "Closed(PeerClosed)"
+            "Greeting(Greeting",
+            "Ready",
+            "unmatched",
+            "event",
+            "response",
+            "event",
+            "response",
+            "response",
+            "response",
+            "response",
+            "response",
+            "event",
+            "response",
+            "Closed(PeerClosed)"
         ],
         "{shape:#?}"
     );
     assert!(matches!(&reference[3], Output::Event(e) if e.name == "STOP" && e.data.is_none()));
-    assert!(matches!(&reference[7], Output::Response { result: Err(CommandError::Qmp(e)), .. } if e.desc.contains("SCM_RIGHTS")));
+    assert!(
+        matches!(&reference[7], Output::Response { result: Err(CommandError::Qmp(e)), .. } if e.desc.contains("SCM_RIGHTS"))
+    );
     assert_eq!(value(&reference[8])["status"], "running");
-    assert_eq!(value(&reference[9]), "7.2.22Debian 1:7.2+dfsg-7+deb12u18+b3\r\n");
+    assert_eq!(
+        value(&reference[9]),
+        "7.2.22Debian 1:7.2+dfsg-7+deb12u18+b3\r\n"
+    );
     assert!(value(&reference[10]).as_array().unwrap().len() > 1000);
-    assert!(matches!(&reference[11], Output::Event(e) if e.name == "SHUTDOWN" && e.timestamp.seconds == 1795648058));
+    assert!(
+        matches!(&reference[11], Output::Event(e) if e.name == "SHUTDOWN" && e.timestamp.seconds == 1795648058)
+    );
 }
 
 proptest! {

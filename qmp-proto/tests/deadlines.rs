@@ -18,12 +18,22 @@ fn a_request_past_its_deadline_times_out_once_and_its_late_response_is_dropped()
         pair.advance(Duration::from_secs(4)); // early: nothing
         assert!(pair.outputs.is_empty());
         pair.advance(Duration::from_secs(1));
-        assert_eq!(pair.take_outputs(), [Output::Response { id, result: Err(CommandError::TimedOut) }]);
+        assert_eq!(
+            pair.take_outputs(),
+            [Output::Response {
+                id,
+                result: Err(CommandError::TimedOut)
+            }]
+        );
         assert_eq!(pair.client.poll_timeout(), None);
         pair.advance(Duration::from_secs(10)); // repeated: nothing
         pair.server.reply_all(); // the late response
         pair.drive();
-        assert!(pair.outputs.is_empty(), "dropped silently: {:?}", pair.outputs);
+        assert!(
+            pair.outputs.is_empty(),
+            "dropped silently: {:?}",
+            pair.outputs
+        );
         let stats = pair.client.stats();
         assert_eq!((stats.timed_out, stats.late, stats.unmatched), (1, 1, 0));
     }
@@ -36,12 +46,30 @@ fn poll_timeout_is_the_earliest_deadline() {
     let late = pair.send(Command::new("a").deadline(now + Duration::from_secs(9)));
     let soon = pair.send(Command::new("b").deadline(now + Duration::from_secs(2)));
     pair.execute("no deadline");
-    assert_eq!(pair.client.poll_timeout(), Some(now + Duration::from_secs(2)));
+    assert_eq!(
+        pair.client.poll_timeout(),
+        Some(now + Duration::from_secs(2))
+    );
     pair.advance(Duration::from_secs(3));
-    assert_eq!(pair.take_outputs(), [Output::Response { id: soon, result: Err(CommandError::TimedOut) }]);
-    assert_eq!(pair.client.poll_timeout(), Some(now + Duration::from_secs(9)));
+    assert_eq!(
+        pair.take_outputs(),
+        [Output::Response {
+            id: soon,
+            result: Err(CommandError::TimedOut)
+        }]
+    );
+    assert_eq!(
+        pair.client.poll_timeout(),
+        Some(now + Duration::from_secs(9))
+    );
     // Answered in time: the deadline goes away.
-    let cmd = pair.server.commands.iter().find(|c| c["id"] == late.get()).unwrap().clone();
+    let cmd = pair
+        .server
+        .commands
+        .iter()
+        .find(|c| c["id"] == late.get())
+        .unwrap()
+        .clone();
     pair.server.reply(&cmd, json!(1));
     pair.drive();
     assert_eq!(pair.responses(), [(late, Ok(json!(1)))]);
@@ -56,7 +84,13 @@ fn a_queued_request_that_times_out_is_never_written() {
     let queued = pair.send(Command::new("queued").deadline(pair.now + Duration::from_secs(1)));
     pair.drive();
     pair.advance(Duration::from_secs(2));
-    assert_eq!(pair.take_outputs(), [Output::Response { id: queued, result: Err(CommandError::TimedOut) }]);
+    assert_eq!(
+        pair.take_outputs(),
+        [Output::Response {
+            id: queued,
+            result: Err(CommandError::TimedOut)
+        }]
+    );
     pair.server.reply_all();
     pair.drive();
     assert_eq!(pair.responses(), [(first, Ok(json!({})))]);
@@ -71,7 +105,11 @@ fn a_timed_out_in_flight_request_keeps_its_window_slot_until_answered() {
     let next = pair.execute("next");
     pair.drive();
     pair.advance(Duration::from_secs(2));
-    assert_eq!(pair.server.commands.len(), 1, "QEMU still holds the stuck one");
+    assert_eq!(
+        pair.server.commands.len(),
+        1,
+        "QEMU still holds the stuck one"
+    );
     let stuck = pair.server.next_command().unwrap();
     pair.server.reply(&stuck, json!({}));
     pair.drive();
@@ -91,7 +129,12 @@ fn cancelling_a_queued_request_means_it_is_never_sent() {
     assert!(!pair.client.cancel(a), "already cancelled");
     pair.server.greet();
     pair.drive();
-    let names: Vec<_> = pair.server.commands.iter().map(|c| c["execute"].clone()).collect();
+    let names: Vec<_> = pair
+        .server
+        .commands
+        .iter()
+        .map(|c| c["execute"].clone())
+        .collect();
     assert_eq!(names, ["b"]);
     pair.server.reply_all();
     pair.drive();
@@ -113,7 +156,8 @@ fn cancelling_a_written_request_drops_its_late_response_silently() {
         assert_eq!(pair.client.in_flight(), 0);
         assert!(!pair.client.cancel(a));
         // A second copy of the response is now unknown.
-        pair.server.send_raw(format!("{{\"return\": {{}}, \"id\": {a}}}\r\n").as_bytes());
+        pair.server
+            .send_raw(format!("{{\"return\": {{}}, \"id\": {a}}}\r\n").as_bytes());
         pair.drive();
         assert!(matches!(&pair.outputs[..], [Output::Unmatched(_)]));
     }

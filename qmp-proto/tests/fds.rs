@@ -8,19 +8,30 @@ use qmp_proto::{Command, Config};
 fn a_command_with_fds_starts_its_own_transmit() {
     let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
     let before = pair.execute("query-version");
-    let getfd = pair.send(Command::new("getfd").arguments(&serde_json::json!({"fdname": "fd0"})).unwrap().with_fds());
+    let getfd = pair.send(
+        Command::new("getfd")
+            .arguments(&serde_json::json!({"fdname": "fd0"}))
+            .unwrap()
+            .with_fds(),
+    );
     let after = pair.execute("query-status");
 
     let t = pair.client.poll_transmit().unwrap();
     assert_eq!(t.fds_for, None);
-    assert_eq!(t.data, format!("{{\"execute\":\"query-version\",\"id\":{before}}}\n").as_bytes());
+    assert_eq!(
+        t.data,
+        format!("{{\"execute\":\"query-version\",\"id\":{before}}}\n").as_bytes()
+    );
     let n = t.data.len();
     pair.client.advance_transmit(n);
 
     let t = pair.client.poll_transmit().unwrap();
     assert_eq!(t.fds_for, Some(getfd));
     assert!(t.data.starts_with(b"{\"execute\":\"getfd\""));
-    assert!(t.data.ends_with(format!("{{\"execute\":\"query-status\",\"id\":{after}}}\n").as_bytes()));
+    assert!(
+        t.data
+            .ends_with(format!("{{\"execute\":\"query-status\",\"id\":{after}}}\n").as_bytes())
+    );
     // A partial write carries the fds with its first byte; the rest has none.
     pair.client.advance_transmit(1);
     let t = pair.client.poll_transmit().unwrap();

@@ -7,7 +7,12 @@ use qmp_proto::framing::{FrameError, JsonSplitter};
 use serde_json::{Map, Value};
 
 /// Every frame and error, feeding `bytes` in `pieces`, then EOF.
-fn split(bytes: &[u8], chunking: Chunking, max_size: usize, max_depth: usize) -> Vec<Result<Vec<u8>, FrameError>> {
+fn split(
+    bytes: &[u8],
+    chunking: Chunking,
+    max_size: usize,
+    max_depth: usize,
+) -> Vec<Result<Vec<u8>, FrameError>> {
     let mut s = JsonSplitter::new(max_size, max_depth);
     let mut out = Vec::new();
     for piece in pieces(bytes, chunking) {
@@ -43,13 +48,26 @@ fn json_value() -> impl Strategy<Value = Value> {
 }
 
 fn object() -> impl Strategy<Value = Value> {
-    prop::collection::btree_map("[a-z]{1,6}", json_value(), 0..5).prop_map(|m| Value::Object(m.into_iter().collect()))
+    prop::collection::btree_map("[a-z]{1,6}", json_value(), 0..5)
+        .prop_map(|m| Value::Object(m.into_iter().collect()))
 }
 
 /// Junk that cannot start a value: whitespace, control bytes, 0xFF, letters, digits, quotes, closers.
 fn junk() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(
-        prop_oneof![Just(b' '), Just(b'\r'), Just(b'\n'), Just(0xFF), Just(0), Just(1), Just(b'x'), Just(b'7'), Just(b'"'), Just(b'}'), Just(b']')],
+        prop_oneof![
+            Just(b' '),
+            Just(b'\r'),
+            Just(b'\n'),
+            Just(0xFF),
+            Just(0),
+            Just(1),
+            Just(b'x'),
+            Just(b'7'),
+            Just(b'"'),
+            Just(b'}'),
+            Just(b']')
+        ],
         0..6,
     )
 }
@@ -120,7 +138,10 @@ fn sizes_of_skipped_values_are_exact_and_depth_wins_over_size() {
         );
         // Too deep and too large at once: always reported as too deep, whatever the chunking.
         let both = format!("{{\"pad\": \"{}\", \"d\": {}}}", "x".repeat(200), deep);
-        assert_eq!(split(both.as_bytes(), chunking, 100, 4), [Err(FrameError::TooDeep { size: both.len() })]);
+        assert_eq!(
+            split(both.as_bytes(), chunking, 100, 4),
+            [Err(FrameError::TooDeep { size: both.len() })]
+        );
     }
 }
 
@@ -132,7 +153,10 @@ fn ten_thousand_levels_of_nesting_do_not_overflow_anything() {
         let stream = format!("{{\"x\": {body}}}{body}{{\"ok\": 1}}");
         let got = split(stream.as_bytes(), Chunking::Random(9), 1 << 20, 64);
         assert!(matches!(got[0], Err(FrameError::TooDeep { .. })));
-        assert!(matches!(got[1], Err(FrameError::TooDeep { .. }) | Err(FrameError::NotAnObject { .. })));
+        assert!(matches!(
+            got[1],
+            Err(FrameError::TooDeep { .. }) | Err(FrameError::NotAnObject { .. })
+        ));
         assert_eq!(got[2], Ok(b"{\"ok\": 1}".to_vec()));
     }
 }
@@ -143,19 +167,35 @@ fn strings_hide_braces_and_escapes_hide_quotes() {
     for chunking in CHUNKINGS {
         assert_eq!(
             split(stream, chunking, 1 << 10, 8),
-            [Ok(br#"{"a": "}{][\"\\"}"#.to_vec()), Ok(br#"{"b": "\\\"}"}"#.to_vec())]
+            [
+                Ok(br#"{"a": "}{][\"\\"}"#.to_vec()),
+                Ok(br#"{"b": "\\\"}"}"#.to_vec())
+            ]
         );
     }
 }
 
 #[test]
 fn eof_inside_a_value_or_junk_is_reported() {
-    assert_eq!(split(b"{\"a\": [1, 2", Chunking::Whole, 100, 8), [Err(FrameError::Truncated { len: 11 })]);
+    assert_eq!(
+        split(b"{\"a\": [1, 2", Chunking::Whole, 100, 8),
+        [Err(FrameError::Truncated { len: 11 })]
+    );
     assert_eq!(
         split(b"{}\xff\xfe", Chunking::ByteAtATime, 100, 8),
-        [Ok(b"{}".to_vec()), Err(FrameError::UnexpectedBytes { len: 2, head: vec![0xff, 0xfe] })]
+        [
+            Ok(b"{}".to_vec()),
+            Err(FrameError::UnexpectedBytes {
+                len: 2,
+                head: vec![0xff, 0xfe]
+            })
+        ]
     );
-    assert_eq!(split(b"{}\r\n \t", Chunking::Whole, 100, 8), [Ok(b"{}".to_vec())], "trailing whitespace is clean");
+    assert_eq!(
+        split(b"{}\r\n \t", Chunking::Whole, 100, 8),
+        [Ok(b"{}".to_vec())],
+        "trailing whitespace is clean"
+    );
 }
 
 #[test]

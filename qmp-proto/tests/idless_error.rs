@@ -13,9 +13,15 @@ fn a_real_cascade_of_over_a_thousand_idless_errors_is_survived() {
     for chunking in CHUNKINGS {
         let mut conn = Connection::new(Config::builder().negotiate(false).build().unwrap());
         let out = feed(&mut conn, &server, chunking);
-        let unmatched = out.iter().filter(|o| matches!(o, Output::Unmatched(u) if u.id.is_none())).count();
+        let unmatched = out
+            .iter()
+            .filter(|o| matches!(o, Output::Unmatched(u) if u.id.is_none()))
+            .count();
         assert!(unmatched > 1000, "{unmatched}");
-        assert!(out.iter().all(|o| matches!(o, Output::Greeting(_) | Output::Ready { .. } | Output::Unmatched(_))));
+        assert!(out.iter().all(|o| matches!(
+            o,
+            Output::Greeting(_) | Output::Ready { .. } | Output::Unmatched(_)
+        )));
         assert!(!conn.is_closed());
         assert_eq!(conn.stats().unmatched as usize, out.len() - 2);
     }
@@ -32,7 +38,8 @@ fn idless_errors_are_never_attributed_to_a_pending_request() {
         let b = pair.execute("query-status");
         pair.drive();
         for _ in 0..50 {
-            pair.server.idless_error("JSON parse error, expecting value");
+            pair.server
+                .idless_error("JSON parse error, expecting value");
         }
         pair.drive();
         assert_eq!(pair.outputs.len(), 50);
@@ -46,10 +53,16 @@ fn idless_errors_are_never_attributed_to_a_pending_request() {
 #[test]
 fn an_idless_error_keeps_its_class_and_description() {
     let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
-    pair.server.idless_error("JSON parse error, stray '\\u0001'");
+    pair.server
+        .idless_error("JSON parse error, stray '\\u0001'");
     pair.drive();
-    let [Output::Unmatched(u)] = &pair.outputs[..] else { panic!() };
+    let [Output::Unmatched(u)] = &pair.outputs[..] else {
+        panic!()
+    };
     let err = u.result.as_ref().unwrap_err();
-    assert_eq!((err.class.as_str(), err.desc.as_str()), ("GenericError", "JSON parse error, stray '\\u0001'"));
+    assert_eq!(
+        (err.class.as_str(), err.desc.as_str()),
+        ("GenericError", "JSON parse error, stray '\\u0001'")
+    );
     let _ = Command::new("x");
 }

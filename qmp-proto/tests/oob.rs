@@ -11,12 +11,19 @@ fn in_band_commands_are_held_to_the_window_and_oob_ones_overtake_them() {
         let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
         let in_band: Vec<_> = (0..12).map(|_| pair.execute("slow")).collect();
         pair.drive();
-        assert_eq!(pair.server.commands.len(), 8, "QEMU queues 8: the rest wait in the client");
+        assert_eq!(
+            pair.server.commands.len(),
+            8,
+            "QEMU queues 8: the rest wait in the client"
+        );
         assert_eq!(pair.client.in_flight(), 8);
         let oob = pair.send(Command::new("migrate-pause").oob());
         pair.drive();
         let last = pair.server.commands.pop_back().unwrap();
-        assert_eq!(last["exec-oob"], "migrate-pause", "written past the full window");
+        assert_eq!(
+            last["exec-oob"], "migrate-pause",
+            "written past the full window"
+        );
         // QEMU answers the OOB command first.
         pair.server.reply(&last, json!("oob"));
         pair.drive();
@@ -27,7 +34,12 @@ fn in_band_commands_are_held_to_the_window_and_oob_ones_overtake_them() {
         pair.drive();
         assert_eq!(pair.server.commands.len(), 8, "7 left + the 9th written");
         loop {
-            let pending: Vec<_> = pair.server.commands.drain(..).filter(|c| c.get("execute").is_some()).collect();
+            let pending: Vec<_> = pair
+                .server
+                .commands
+                .drain(..)
+                .filter(|c| c.get("execute").is_some())
+                .collect();
             if pending.is_empty() {
                 break;
             }
@@ -53,7 +65,11 @@ fn oob_responses_out_of_order_are_matched_by_id() {
     }
     pair.drive();
     let got = pair.responses();
-    let want: Vec<_> = ids.iter().rev().map(|id| (*id, Ok(json!(id.get())))).collect();
+    let want: Vec<_> = ids
+        .iter()
+        .rev()
+        .map(|id| (*id, Ok(json!(id.get()))))
+        .collect();
     assert_eq!(got, want);
 }
 
@@ -81,26 +97,47 @@ fn the_window_is_configurable() {
 
 #[test]
 fn oob_after_the_handshake_without_oob_is_refused_at_once() {
-    let server = FakeQemu { offer_oob: false, ..FakeQemu::default() };
+    let server = FakeQemu {
+        offer_oob: false,
+        ..FakeQemu::default()
+    };
     let mut pair = Pair::ready(Config::default(), server, Chunking::Whole);
-    assert_eq!(pair.client.send(Command::new("x").oob()).unwrap_err(), SendError::OobNotEnabled);
+    assert_eq!(
+        pair.client.send(Command::new("x").oob()).unwrap_err(),
+        SendError::OobNotEnabled
+    );
     assert_eq!(pair.client.pending(), 0);
 }
 
 #[test]
 fn oob_sent_before_the_handshake_fails_if_oob_is_not_negotiated() {
-    let server = FakeQemu { offer_oob: false, ..FakeQemu::default() };
+    let server = FakeQemu {
+        offer_oob: false,
+        ..FakeQemu::default()
+    };
     let mut pair = Pair::new(Config::default(), server, Chunking::Whole);
     let oob = pair.send(Command::new("x").oob());
     let normal = pair.execute("y");
     pair.server.greet();
     pair.drive();
-    assert!(pair.outputs.contains(&Output::Response { id: oob, result: Err(CommandError::OobUnavailable) }));
-    let names: Vec<_> = pair.server.commands.iter().map(|c| c["execute"].clone()).collect();
+    assert!(pair.outputs.contains(&Output::Response {
+        id: oob,
+        result: Err(CommandError::OobUnavailable)
+    }));
+    let names: Vec<_> = pair
+        .server
+        .commands
+        .iter()
+        .map(|c| c["execute"].clone())
+        .collect();
     assert_eq!(names, ["y"], "the oob command was never written");
     pair.server.reply_all();
     pair.drive();
-    assert!(pair.responses().iter().any(|(id, r)| *id == normal && r.is_ok()));
+    assert!(
+        pair.responses()
+            .iter()
+            .any(|(id, r)| *id == normal && r.is_ok())
+    );
 }
 
 #[test]
@@ -112,7 +149,14 @@ fn oob_sent_before_the_handshake_goes_first_once_negotiated() {
     pair.drive();
     let order: Vec<String> = pair.server.log[1..]
         .iter()
-        .map(|c| c.get("exec-oob").or(c.get("execute")).unwrap().as_str().unwrap().to_owned())
+        .map(|c| {
+            c.get("exec-oob")
+                .or_else(|| c.get("execute"))
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(order, ["urgent", "in-band"]);
 }

@@ -15,13 +15,23 @@ fn success_and_error_responses_complete_their_requests() {
         let ca = pair.server.next_command().unwrap();
         let cb = pair.server.next_command().unwrap();
         pair.server.reply(&ca, json!({"qemu": {"major": 10}}));
-        pair.server.reply_error(&cb, "CommandNotFound", "The command no-such-command has not been found");
+        pair.server.reply_error(
+            &cb,
+            "CommandNotFound",
+            "The command no-such-command has not been found",
+        );
         pair.drive();
         assert_eq!(
             pair.responses(),
             [
                 (a, Ok(json!({"qemu": {"major": 10}}))),
-                (b, Err(CommandError::Qmp(QmpError::new("CommandNotFound", "The command no-such-command has not been found"))))
+                (
+                    b,
+                    Err(CommandError::Qmp(QmpError::new(
+                        "CommandNotFound",
+                        "The command no-such-command has not been found"
+                    )))
+                )
             ]
         );
         assert_eq!(pair.client.pending(), 0);
@@ -35,11 +45,15 @@ fn error_classes_are_an_open_set_and_unknown_members_are_tolerated() {
     let b = pair.execute("y");
     pair.drive();
     pair.server.send_raw(b"{\"error\": {\"class\": \"FutureClass\", \"desc\": \"d\", \"hint\": 1}, \"id\": 1, \"extra\": [1]}\r\n");
-    pair.server.send_raw(b"{\"future\": {\"a\": [\"}\"]}, \"return\": {\"k\": \"v\"}, \"id\": 2}\r\n");
+    pair.server
+        .send_raw(b"{\"future\": {\"a\": [\"}\"]}, \"return\": {\"k\": \"v\"}, \"id\": 2}\r\n");
     pair.drive();
     assert_eq!(
         pair.responses(),
-        [(a, Err(CommandError::Qmp(QmpError::new("FutureClass", "d")))), (b, Ok(json!({"k": "v"})))]
+        [
+            (a, Err(CommandError::Qmp(QmpError::new("FutureClass", "d")))),
+            (b, Ok(json!({"k": "v"})))
+        ]
     );
 }
 
@@ -56,7 +70,10 @@ fn ids_are_unique_increasing_and_written_as_numbers() {
         pair.server.reply_all();
         pair.drive();
     }
-    let wire: Vec<u64> = pair.server.log[1..].iter().map(|c| c["id"].as_u64().unwrap()).collect();
+    let wire: Vec<u64> = pair.server.log[1..]
+        .iter()
+        .map(|c| c["id"].as_u64().unwrap())
+        .collect();
     assert_eq!(wire, ids.iter().map(|i| i.get()).collect::<Vec<_>>());
 }
 
@@ -92,15 +109,30 @@ fn responses_with_unknown_duplicate_or_foreign_ids_are_unmatched() {
     let cmd = pair.server.next_command().unwrap();
     pair.server.reply(&cmd, json!(1));
     pair.server.reply(&cmd, json!(2)); // duplicate
-    for id in [r#""1""#, "1.0", "-1", "99", "null", r#"{"a":1}"#, "18446744073709551616"] {
-        pair.server.send_raw(format!("{{\"return\": {{}}, \"id\": {id}}}\r\n").as_bytes());
+    for id in [
+        r#""1""#,
+        "1.0",
+        "-1",
+        "99",
+        "null",
+        r#"{"a":1}"#,
+        "18446744073709551616",
+    ] {
+        pair.server
+            .send_raw(format!("{{\"return\": {{}}, \"id\": {id}}}\r\n").as_bytes());
     }
     pair.drive();
     assert_eq!(pair.responses(), [(a, Ok(json!(1)))]);
-    let unmatched: Vec<_> = pair.outputs.iter().filter(|o| matches!(o, Output::Unmatched(_))).collect();
+    let unmatched: Vec<_> = pair
+        .outputs
+        .iter()
+        .filter(|o| matches!(o, Output::Unmatched(_)))
+        .collect();
     assert_eq!(unmatched.len(), 8);
     assert_eq!(pair.client.stats().unmatched, 8);
-    assert!(matches!(unmatched[1], Output::Unmatched(u) if u.id.as_ref().unwrap().get() == "\"1\""));
+    assert!(
+        matches!(unmatched[1], Output::Unmatched(u) if u.id.as_ref().unwrap().get() == "\"1\"")
+    );
 }
 
 #[test]
@@ -110,7 +142,8 @@ fn a_response_to_a_request_not_yet_written_is_not_taken() {
     let ids: Vec<_> = (0..9).map(|_| pair.execute("x")).collect();
     pair.drive();
     assert_eq!(pair.server.commands.len(), 8);
-    pair.server.send_raw(format!("{{\"return\": {{}}, \"id\": {}}}\r\n", ids[8]).as_bytes());
+    pair.server
+        .send_raw(format!("{{\"return\": {{}}, \"id\": {}}}\r\n", ids[8]).as_bytes());
     pair.drive();
     assert!(matches!(&pair.outputs[..], [Output::Unmatched(_)]));
     assert_eq!(pair.client.pending(), 9);
@@ -118,8 +151,19 @@ fn a_response_to_a_request_not_yet_written_is_not_taken() {
 
 #[test]
 fn return_values_of_every_json_type_are_kept() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::ByteAtATime);
-    let values = [json!(null), json!(true), json!(-1.5e3), json!("s\"\\{"), json!([]), json!({"a": {"b": [1]}})];
+    let mut pair = Pair::ready(
+        Config::default(),
+        FakeQemu::default(),
+        Chunking::ByteAtATime,
+    );
+    let values = [
+        json!(null),
+        json!(true),
+        json!(-1.5e3),
+        json!("s\"\\{"),
+        json!([]),
+        json!({"a": {"b": [1]}}),
+    ];
     let ids: Vec<_> = values.iter().map(|_| pair.execute("x")).collect();
     pair.drive();
     for v in &values {
@@ -127,7 +171,11 @@ fn return_values_of_every_json_type_are_kept() {
         pair.server.reply(&cmd, v.clone());
     }
     pair.drive();
-    let want: Vec<_> = ids.into_iter().zip(values).map(|(i, v)| (i, Ok(v))).collect();
+    let want: Vec<_> = ids
+        .into_iter()
+        .zip(values)
+        .map(|(i, v)| (i, Ok(v)))
+        .collect();
     assert_eq!(pair.responses(), want);
 }
 
@@ -142,26 +190,55 @@ fn typed_return_values_deserialize_straight_from_the_text() {
     pair.execute("query-status");
     pair.drive();
     let cmd = pair.server.next_command().unwrap();
-    pair.server.reply(&cmd, json!({"status": "running", "singlestep": false, "running": true}));
+    pair.server.reply(
+        &cmd,
+        json!({"status": "running", "singlestep": false, "running": true}),
+    );
     pair.drive();
-    let Some(Output::Response { result: Ok(raw), .. }) = pair.outputs.pop() else { panic!() };
-    assert_eq!(raw.deserialize::<Status>().unwrap(), Status { status: "running".into(), running: true });
+    let Some(Output::Response {
+        result: Ok(raw), ..
+    }) = pair.outputs.pop()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        raw.deserialize::<Status>().unwrap(),
+        Status {
+            status: "running".into(),
+            running: true
+        }
+    );
 }
 
 #[test]
 fn arguments_must_be_an_object_and_a_bad_one_writes_nothing() {
-    assert!(matches!(Command::new("x").arguments(&42), Err(ArgumentsError::NotAnObject)));
-    assert!(matches!(Command::new("x").arguments(&"s"), Err(ArgumentsError::NotAnObject)));
-    assert!(matches!(Command::from_json(json!({"arguments": {}})), Err(ArgumentsError::NotACommand)));
+    assert!(matches!(
+        Command::new("x").arguments(&42),
+        Err(ArgumentsError::NotAnObject)
+    ));
+    assert!(matches!(
+        Command::new("x").arguments(&"s"),
+        Err(ArgumentsError::NotAnObject)
+    ));
+    assert!(matches!(
+        Command::from_json(json!({"arguments": {}})),
+        Err(ArgumentsError::NotACommand)
+    ));
     assert!(matches!(
         Command::from_json(json!({"execute": "a", "exec-oob": "b"})),
         Err(ArgumentsError::NotACommand)
     ));
-    assert!(matches!(Command::from_json(json!({"execute": "a", "arguments": [1]})), Err(ArgumentsError::NotAnObject)));
+    assert!(matches!(
+        Command::from_json(json!({"execute": "a", "arguments": [1]})),
+        Err(ArgumentsError::NotAnObject)
+    ));
     // A map with non-string keys cannot serialize: an error, not a panic.
     let mut bad = std::collections::BTreeMap::new();
     bad.insert(vec![1u8], 1);
-    assert!(matches!(Command::new("x").arguments(&bad), Err(ArgumentsError::Serialize(_))));
+    assert!(matches!(
+        Command::new("x").arguments(&bad),
+        Err(ArgumentsError::Serialize(_))
+    ));
 }
 
 #[test]
@@ -174,12 +251,28 @@ fn arguments_and_raw_commands_go_out_as_given_with_our_id() {
         node_name: &'a str,
         size: u64,
     }
-    let a = pair.send(Command::new("blockdev-add").arguments(&Add { driver: "null-co", node_name: "n0", size: 1 << 20 }).unwrap());
-    let b = pair.send(Command::from_json(json!({"execute": "query-status", "id": "theirs", "arguments": {"x": "é"}})).unwrap());
+    let a = pair.send(
+        Command::new("blockdev-add")
+            .arguments(&Add {
+                driver: "null-co",
+                node_name: "n0",
+                size: 1 << 20,
+            })
+            .unwrap(),
+    );
+    let b = pair.send(
+        Command::from_json(
+            json!({"execute": "query-status", "id": "theirs", "arguments": {"x": "é"}}),
+        )
+        .unwrap(),
+    );
     pair.drive();
     assert_eq!(
         pair.server.log[1],
         json!({"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n0", "size": 1048576}, "id": a.get()})
     );
-    assert_eq!(pair.server.log[2], json!({"execute": "query-status", "arguments": {"x": "é"}, "id": b.get()}));
+    assert_eq!(
+        pair.server.log[2],
+        json!({"execute": "query-status", "arguments": {"x": "é"}, "id": b.get()})
+    );
 }
