@@ -354,3 +354,39 @@ impl Pair {
             .collect()
     }
 }
+
+/// Runs `scenario` once under every chunking and checks that it produced the same outputs each
+/// time; returns the outputs of the first (whole) run.
+pub fn same_under_every_chunking(mut scenario: impl FnMut(Chunking) -> Vec<Output>) -> Vec<Output> {
+    let mut first: Option<Vec<Output>> = None;
+    for chunking in CHUNKINGS {
+        let got = scenario(chunking);
+        match &first {
+            None => first = Some(got),
+            Some(want) => assert!(
+                got == *want,
+                "outputs differ under {chunking:?}:\n{:#?}\nwhole:\n{:#?}",
+                canonical(&got),
+                canonical(want)
+            ),
+        }
+    }
+    first.expect("CHUNKINGS is not empty")
+}
+
+/// Feeds `bytes` in pieces as a careful adapter does: it reads only while the connection
+/// [`wants_read`](Connection::wants_read), and otherwise polls one output to make room. Outputs
+/// still queued at the end are left there (drain them, or test what happens while paused).
+pub fn feed_paced(conn: &mut Connection, bytes: &[u8], chunking: Chunking) -> Vec<Output> {
+    let mut outputs = Vec::new();
+    for piece in pieces(bytes, chunking) {
+        while !conn.wants_read() {
+            match conn.poll_output() {
+                Some(o) => outputs.push(o),
+                None => break,
+            }
+        }
+        conn.handle_input(piece);
+    }
+    outputs
+}
