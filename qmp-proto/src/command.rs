@@ -205,8 +205,8 @@ impl Command {
             .is_some_and(|caps| caps.iter().any(|c| c == "oob"))
     }
 
-    /// Size of the wire form without the id, for the size check before sending.
-    pub(crate) fn wire_len_hint(&self) -> usize {
+    /// Room for the wire form, to serialize it without reallocating.
+    pub(crate) fn wire_capacity(&self) -> usize {
         // {"exec-oob":"<name>","arguments":<args>,<extra>,"id":<20 digits>}\n
         16 + self.name.len() * 6 / 5
             + self.arguments.as_ref().map_or(0, |a| 13 + a.len())

@@ -97,7 +97,11 @@ impl ConfigBuilder {
     /// Largest incoming message in bytes (default 64 MiB, QEMU's own input limit). Memory is only
     /// spent when a message really is that big; guest-agent file reads reach ~48 MB. A larger
     /// message is skipped without being buffered and reported as
-    /// [`MalformedKind::TooLarge`](crate::MalformedKind::TooLarge). At least 64 bytes.
+    /// [`MalformedKind::TooLarge`](crate::MalformedKind::TooLarge), or, when it is the response to
+    /// a pending request, fails that request with
+    /// [`CommandError::ResponseTooLarge`](crate::CommandError::ResponseTooLarge). At least 64
+    /// bytes, so fuzzing and tests can use tiny limits; a QEMU greeting needs about 150 (300 from a
+    /// `pretty=on` monitor).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.0.max_message_size = bytes;
         self
@@ -105,7 +109,8 @@ impl ConfigBuilder {
 
     /// Deepest nesting of an incoming message, counting the message object itself as 1 (default 64;
     /// `query-qmp-schema` needs 4). Deeper messages are skipped and reported as
-    /// [`MalformedKind::TooDeep`](crate::MalformedKind::TooDeep). 2 to [`MAX_DEPTH_LIMIT`].
+    /// [`MalformedKind::TooDeep`](crate::MalformedKind::TooDeep) (or fail their request, as for
+    /// size). 2 to [`MAX_DEPTH_LIMIT`]; a QEMU greeting needs 4.
     pub fn max_depth(mut self, depth: usize) -> Self {
         self.0.max_depth = depth;
         self

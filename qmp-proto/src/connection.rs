@@ -426,8 +426,14 @@ impl Session {
 
     fn on_frame_error(&mut self, e: FrameError) {
         let kind = match e {
-            FrameError::TooLarge { size } => MalformedKind::TooLarge { size },
-            FrameError::TooDeep { size } => MalformedKind::TooDeep { size },
+            FrameError::TooLarge { size, id: Some(id) } if self.awaits(id) => {
+                return self.finish(id, Err(CommandError::ResponseTooLarge { size }));
+            }
+            FrameError::TooDeep { size, id: Some(id) } if self.awaits(id) => {
+                return self.finish(id, Err(CommandError::ResponseTooDeep { size }));
+            }
+            FrameError::TooLarge { size, .. } => MalformedKind::TooLarge { size },
+            FrameError::TooDeep { size, .. } => MalformedKind::TooDeep { size },
             FrameError::NotAnObject { size } => MalformedKind::NotAnObject { size },
             FrameError::UnexpectedBytes { len, head } => {
                 return self.malformed(MalformedKind::UnexpectedBytes { len }, &head);
@@ -452,13 +458,13 @@ impl Session {
                 return self.malformed(MalformedKind::InvalidJson { reason }, frame);
             }
         };
-        if let Some(qmp) = m.qmp {
+        let is_message = m.ret.is_some() || m.error.is_some() || m.event.is_some();
+        if let (Some(qmp), false) = (m.qmp, is_message) {
             return self.on_greeting(qmp, frame);
         }
         if self.state == State::AwaitingGreeting {
-            // Only a valid message counts: junk before the greeting is reported and skipped.
-            let valid = m.ret.is_some() || m.error.is_some() || m.event.is_some();
-            if valid {
+            // Only a QMP message counts: junk before the greeting is reported and skipped.
+            if is_message {
                 let excerpt = Excerpt::new(frame);
                 return self.close(ProtocolError::BadGreeting(excerpt).into());
             }
@@ -542,19 +548,33 @@ impl Session {
                 Err(e) => self.close(ProtocolError::NegotiationRejected(e).into()),
             };
         }
-        let entry = m.numeric_id().and_then(|id| {
-            let e = self.pending.get(&id)?;
-            // A response to a request not yet written is a forgery or a stray: not ours.
-            (!matches!(e.stage, Stage::Queued { .. })).then_some(id)
-        });
-        let Some(id) = entry else {
-            self.stats.unmatched += 1;
-            let unmatched = Unmatched {
-                id: m.id.map(RawJson::from_raw),
-                result: result.map(RawJson::from_raw),
-            };
-            return self.output(Output::Unmatched(unmatched));
-        };
+        match m.numeric_id().filter(|&id| self.awaits(id)) {
+            Some(id) => {
+                let result = result.map(RawJson::from_raw).map_err(CommandError::Qmp);
+                self.finish(id, result);
+            }
+            None => {
+                self.stats.unmatched += 1;
+                let unmatched = Unmatched {
+                    id: m.id.map(RawJson::from_raw),
+                    result: result.map(RawJson::from_raw),
+                };
+                self.output(Output::Unmatched(unmatched));
+            }
+        }
+    }
+
+    /// Whether `id` was written and awaits a response (abandoned requests included). A response to
+    /// a request not yet written is a forgery or a stray, not an answer.
+    fn awaits(&self, id: u64) -> bool {
+        self.pending
+            .get(&id)
+            .is_some_and(|e| !matches!(e.stage, Stage::Queued { .. }))
+    }
+
+    /// Completes a written request with the response that arrived for it (dropped if abandoned),
+    /// freeing its window slot.
+    fn finish(&mut self, id: u64, result: Result<RawJson, CommandError>) {
         let Some(e) = self.pending.remove(&id) else {
             return;
         };
@@ -564,18 +584,16 @@ impl Session {
         if !e.oob {
             self.in_band_in_flight -= 1;
         }
-        match e.stage {
-            Stage::Abandoned => self.stats.late += 1,
-            _ => {
-                if e.enables_oob && result.is_ok() {
-                    self.oob = true;
-                }
-                let result = result.map(RawJson::from_raw).map_err(CommandError::Qmp);
-                self.output(Output::Response {
-                    id: RequestId(id),
-                    result,
-                });
+        if matches!(e.stage, Stage::Abandoned) {
+            self.stats.late += 1;
+        } else {
+            if e.enables_oob && result.is_ok() {
+                self.oob = true;
             }
+            self.output(Output::Response {
+                id: RequestId(id),
+                result,
+            });
         }
         self.pump();
     }
@@ -603,23 +621,19 @@ impl Session {
         if cmd.is_oob() && self.state == State::Ready && !self.oob {
             return Err(SendError::OobNotEnabled);
         }
-        let limit = self.config.max_command_size;
-        if cmd.wire_len_hint().saturating_sub(28) > limit {
-            return Err(SendError::TooLarge {
-                size: cmd.wire_len_hint(),
-                limit,
-            });
-        }
         let id = self.next_id;
-        self.next_id = id.checked_add(1).ok_or(SendError::IdsExhausted)?;
-        let mut bytes = Vec::with_capacity(cmd.wire_len_hint());
+        let next_id = id.checked_add(1).ok_or(SendError::IdsExhausted)?;
+        let mut bytes = Vec::with_capacity(cmd.wire_capacity());
         cmd.write_wire(id, &mut bytes);
+        let limit = self.config.max_command_size;
         if bytes.len() > limit {
+            // The id is not used up: ids stay dense for the commands actually sent.
             return Err(SendError::TooLarge {
                 size: bytes.len(),
                 limit,
             });
         }
+        self.next_id = next_id;
         let deadline = cmd.deadline_at();
         if let Some(at) = deadline {
             self.deadlines.insert((at, id));

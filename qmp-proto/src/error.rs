@@ -88,6 +88,22 @@ pub enum CommandError {
     /// [`Connection::close_reason`](crate::Connection::close_reason).
     #[error("the connection closed before the response arrived")]
     Closed,
+    /// The response was larger than `max_message_size` and was skipped unread. Raise
+    /// [`ConfigBuilder::max_message_size`](crate::ConfigBuilder::max_message_size) if such
+    /// responses are expected.
+    #[error("the response of {size} bytes exceeds max_message_size and was skipped")]
+    ResponseTooLarge {
+        /// Size of the response.
+        size: usize,
+    },
+    /// The response nested deeper than `max_depth` and was skipped unread. Raise
+    /// [`ConfigBuilder::max_depth`](crate::ConfigBuilder::max_depth) if such responses are
+    /// expected.
+    #[error("the response of {size} bytes nests deeper than max_depth and was skipped")]
+    ResponseTooDeep {
+        /// Size of the response.
+        size: usize,
+    },
     /// An out-of-band command sent before the handshake, on a connection where OOB did not get
     /// negotiated. It was never written.
     #[error("out-of-band execution was requested but not negotiated")]
@@ -199,15 +215,18 @@ impl Excerpt {
     pub const MAX: usize = 80;
 
     pub(crate) fn new(bytes: &[u8]) -> Self {
-        let mut end = bytes.len().min(Self::MAX);
-        let s = loop {
-            // Cut on a character boundary when the bytes are UTF-8.
-            match std::str::from_utf8(&bytes[..end]) {
-                Ok(s) => break s.to_owned(),
-                Err(e) if e.error_len().is_none() && e.valid_up_to() > 0 => end = e.valid_up_to(),
-                Err(_) => break String::from_utf8_lossy(&bytes[..end]).into_owned(),
-            }
-        };
+        let head = &bytes[..bytes.len().min(Self::MAX)];
+        let mut s = String::from_utf8_lossy(head).into_owned();
+        // Replacement characters take 3 bytes and a cut may split a character: trim to the
+        // limit on a character boundary, dropping a trailing partial character.
+        let mut end = s.len().min(Self::MAX);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        if head.len() < bytes.len() && s.ends_with('\u{FFFD}') {
+            s.pop();
+        }
         Self(s)
     }
 

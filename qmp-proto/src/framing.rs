@@ -14,19 +14,26 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FrameError {
-    /// A value larger than `max_message_size` bytes; it was skipped without being buffered.
+    /// An object larger than `max_message_size` bytes; it was skipped without being buffered.
     TooLarge {
-        /// Size of the whole value in bytes.
+        /// Size of the whole object in bytes.
         size: usize,
+        /// Its top-level `id` member, if that is a non-negative integer, so that the request it
+        /// answers can fail at once instead of waiting for a response that will never come.
+        id: Option<u64>,
     },
-    /// A value nested deeper than `max_depth`; it was skipped without being buffered.
+    /// An object nested deeper than `max_depth`; it was skipped without being buffered.
     TooDeep {
-        /// Size of the whole value in bytes.
+        /// Size of the whole object in bytes.
         size: usize,
+        /// Its top-level `id` member, as for [`TooLarge`](Self::TooLarge).
+        id: Option<u64>,
     },
-    /// A top-level array: QMP messages are objects. It was skipped without being buffered.
+    /// A top-level array or string: QMP messages are objects. It was skipped without being
+    /// buffered. (Other scalars have no delimiters and count as
+    /// [`UnexpectedBytes`](Self::UnexpectedBytes).)
     NotAnObject {
-        /// Size of the whole array in bytes.
+        /// Size of the whole value in bytes.
         size: usize,
     },
     /// Bytes between values that cannot start one (junk, control bytes, QGA's `0xFF` sentinel,
@@ -47,9 +54,13 @@ pub enum FrameError {
 impl fmt::Display for FrameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::TooLarge { size } => write!(f, "value of {size} bytes exceeds the size limit"),
-            Self::TooDeep { size } => write!(f, "value of {size} bytes exceeds the depth limit"),
-            Self::NotAnObject { size } => write!(f, "top-level array of {size} bytes"),
+            Self::TooLarge { size, .. } => {
+                write!(f, "object of {size} bytes exceeds the size limit")
+            }
+            Self::TooDeep { size, .. } => {
+                write!(f, "object of {size} bytes exceeds the depth limit")
+            }
+            Self::NotAnObject { size } => write!(f, "top-level non-object of {size} bytes"),
             Self::UnexpectedBytes { len, .. } => write!(f, "{len} unexpected bytes between values"),
             Self::Truncated { len } => write!(f, "stream ended inside a value after {len} bytes"),
         }
@@ -62,7 +73,9 @@ pub const JUNK_HEAD: usize = 32;
 /// Where the scanner stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// Between values: whitespace is skipped, `{` or `[` starts a value, anything else is junk.
+    /// Between values: whitespace is skipped, `{`, `[` or `"` starts a value, anything else is
+    /// junk. Strings count as values so that braces inside them cannot start a frame, as in
+    /// QEMU's own lexer.
     Between,
     /// Inside an object that is being buffered; it starts at `JsonSplitter::start`.
     Keep,
@@ -72,7 +85,7 @@ enum Mode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SkipReason {
-    Array,
+    NotAnObject,
     TooLarge,
     TooDeep,
 }
@@ -110,6 +123,8 @@ pub struct JsonSplitter {
     skipped: usize,
     /// The skipped value went deeper than `max_depth` (takes precedence over size).
     too_deep: bool,
+    /// Finds the top-level `id` of an object being skipped.
+    sniffer: IdSniffer,
     junk_len: usize,
     junk_head: Vec<u8>,
     eof: bool,
@@ -145,6 +160,7 @@ impl JsonSplitter {
             escape: false,
             skipped: 0,
             too_deep: false,
+            sniffer: IdSniffer::default(),
             junk_len: 0,
             junk_head: Vec::new(),
             eof: false,
@@ -203,7 +219,7 @@ impl JsonSplitter {
             // Skip whitespace and junk up to the next value.
             while i < len {
                 let b = self.buf[i];
-                if b == b'{' || b == b'[' {
+                if b == b'{' || b == b'[' || b == b'"' {
                     break;
                 }
                 if self.junk_len == 0 && matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
@@ -229,16 +245,17 @@ impl JsonSplitter {
                 return Step::NeedMore;
             }
             // A value starts here.
-            self.depth = 1;
-            self.in_string = false;
+            let first = self.buf[i];
+            self.depth = usize::from(first != b'"');
+            self.in_string = first == b'"';
             self.escape = false;
             self.too_deep = false;
             self.skipped = 0;
-            if self.buf[i] == b'{' {
+            if first == b'{' {
                 self.mode = Mode::Keep;
                 self.start = i;
             } else {
-                self.mode = Mode::Skip(SkipReason::Array);
+                self.mode = Mode::Skip(SkipReason::NotAnObject);
                 self.skipped = 1;
                 self.keep_from = i + 1;
             }
@@ -248,7 +265,7 @@ impl JsonSplitter {
         // Inside a value.
         let value_start = i;
         let end = self.scan_value(i);
-        let done = self.depth == 0;
+        let done = self.depth == 0 && !self.in_string;
         if self.mode == Mode::Keep {
             let size = end - self.start;
             if !self.too_deep && size <= self.max_size {
@@ -267,6 +284,8 @@ impl JsonSplitter {
                 SkipReason::TooLarge
             });
             self.skipped = size;
+            self.sniffer = IdSniffer::default();
+            self.sniffer.feed(&self.buf[self.start..end]);
             if done {
                 return Step::Error(self.end_skip(end));
             }
@@ -276,6 +295,9 @@ impl JsonSplitter {
             return self.need_more();
         }
         self.skipped += end - value_start;
+        if self.mode != Mode::Skip(SkipReason::NotAnObject) {
+            self.sniffer.feed(&self.buf[value_start..end]);
+        }
         if done {
             return Step::Error(self.end_skip(end));
         }
@@ -317,10 +339,11 @@ impl JsonSplitter {
         self.scan = end;
         self.keep_from = end;
         let size = self.skipped;
+        let id = self.sniffer.id;
         match reason {
-            Mode::Skip(SkipReason::Array) => FrameError::NotAnObject { size },
-            _ if self.too_deep => FrameError::TooDeep { size },
-            _ => FrameError::TooLarge { size },
+            Mode::Skip(SkipReason::NotAnObject) => FrameError::NotAnObject { size },
+            _ if self.too_deep => FrameError::TooDeep { size, id },
+            _ => FrameError::TooLarge { size, id },
         }
     }
 
@@ -343,6 +366,10 @@ impl JsonSplitter {
                             self.escape = true;
                         } else {
                             self.in_string = false;
+                            if self.depth == 0 {
+                                // A top-level string ended.
+                                return i + 1;
+                            }
                         }
                         i += 1;
                     }
@@ -374,6 +401,116 @@ impl JsonSplitter {
             }
         }
         len
+    }
+}
+
+/// Watches the bytes of an object being skipped for a top-level `"id": <integer>` member. Runs
+/// only on skipped objects, so it favours simplicity over speed.
+#[derive(Debug, Default)]
+struct IdSniffer {
+    depth: usize,
+    in_string: bool,
+    escape: bool,
+    /// At depth 1, the next string is a member name.
+    expect_key: bool,
+    in_key: bool,
+    /// Bytes of the current name that matched `id` so far; `None` once it cannot be `id`.
+    key_match: Option<usize>,
+    key_is_id: bool,
+    value: IdValue,
+    id: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum IdValue {
+    /// Not reading an `id` value.
+    #[default]
+    Idle,
+    /// After `"id":`, before any digit.
+    Empty,
+    Digits(u64),
+    /// Not a plain non-negative integer.
+    Invalid,
+}
+
+impl IdSniffer {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.in_string {
+                if self.escape {
+                    self.escape = false;
+                    self.key_match = None;
+                } else if b == b'\\' {
+                    self.escape = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                    if self.in_key {
+                        self.in_key = false;
+                        self.key_is_id = self.key_match == Some(2);
+                    }
+                } else if self.in_key {
+                    self.key_match = self
+                        .key_match
+                        .filter(|&n| n < 2 && b"id"[n] == b)
+                        .map(|n| n + 1);
+                }
+                continue;
+            }
+            let top = self.depth == 1;
+            match b {
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                b',' | b'}' | b']' if top => {
+                    if let IdValue::Digits(id) = self.value {
+                        self.id = Some(id);
+                    }
+                    self.value = IdValue::Idle;
+                    self.expect_key = b == b',';
+                    if b != b',' {
+                        self.depth -= 1;
+                    }
+                }
+                b':' if top => {
+                    self.expect_key = false;
+                    self.value = if self.key_is_id {
+                        IdValue::Empty
+                    } else {
+                        IdValue::Idle
+                    };
+                    self.key_is_id = false;
+                }
+                b'0'..=b'9' if top => {
+                    let d = u64::from(b - b'0');
+                    self.value = match self.value {
+                        IdValue::Empty => IdValue::Digits(d),
+                        IdValue::Digits(n) => n
+                            .checked_mul(10)
+                            .and_then(|n| n.checked_add(d))
+                            .map_or(IdValue::Invalid, IdValue::Digits),
+                        other => other,
+                    };
+                }
+                _ => {
+                    if top && matches!(self.value, IdValue::Empty | IdValue::Digits(_)) {
+                        self.value = IdValue::Invalid;
+                    }
+                    match b {
+                        b'"' => {
+                            self.in_string = true;
+                            if top && self.expect_key {
+                                self.in_key = true;
+                                self.key_match = Some(0);
+                            }
+                        }
+                        b'{' | b'[' => {
+                            self.depth += 1;
+                            self.expect_key = self.depth == 1;
+                        }
+                        b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
 }
 
