@@ -67,6 +67,9 @@ impl fmt::Display for FrameError {
     }
 }
 
+/// Buffer capacity above which a mostly empty buffer is shrunk.
+const SHRINK_ABOVE: usize = 1 << 20;
+
 /// How many bytes of a junk run [`FrameError::UnexpectedBytes`] keeps for diagnostics.
 pub const JUNK_HEAD: usize = 32;
 
@@ -182,6 +185,12 @@ impl JsonSplitter {
             self.start = self.start.saturating_sub(self.keep_from);
             self.keep_from = 0;
         }
+        // Give back the memory of a past large message once the buffer is mostly empty, so one
+        // 48 MB reply does not pin 48 MB for the life of the connection.
+        let needed = self.buf.len() + bytes.len();
+        if self.buf.capacity() > SHRINK_ABOVE && needed < self.buf.capacity() / 4 {
+            self.buf.shrink_to(needed.max(SHRINK_ABOVE / 16));
+        }
         self.buf.extend_from_slice(bytes);
     }
 
@@ -192,6 +201,7 @@ impl JsonSplitter {
     }
 
     /// Bytes held in memory: the unfinished value plus anything pushed but not yet scanned.
+    /// (The allocation may be larger, up to 1 MiB, or four times this after a large message.)
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.keep_from
     }
