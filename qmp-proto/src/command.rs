@@ -99,12 +99,17 @@ impl Command {
     }
 
     /// Attaches arguments, which must serialize to a JSON object and stay within QEMU's input
-    /// limits (1024 levels of nesting, 2 Mi tokens).
+    /// limits (1024 levels of nesting, 2 Mi tokens). Arguments that serialize to `null` (`()`,
+    /// `None`) mean none.
     pub fn arguments<T: Serialize + ?Sized>(
         mut self,
         arguments: &T,
     ) -> Result<Self, ArgumentsError> {
         let bytes = serde_json::to_vec(arguments)?;
+        if bytes == b"null" {
+            self.arguments = None;
+            return Ok(self);
+        }
         check_arguments(&bytes)?;
         self.arguments = Some(bytes.into_boxed_slice());
         Ok(self)

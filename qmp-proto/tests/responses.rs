@@ -242,6 +242,25 @@ fn arguments_must_be_an_object_and_a_bad_one_writes_nothing() {
 }
 
 #[test]
+fn unit_or_none_arguments_mean_no_arguments() {
+    let mut out = Vec::new();
+    let mut conn = qmp_proto::Connection::new(Config::builder().negotiate(false).build().unwrap());
+    conn.handle_input(GREETING_10.as_bytes());
+    let _ = drain(&mut conn);
+    let _ = conn
+        .send(Command::new("a").arguments(&()).unwrap())
+        .unwrap();
+    let _ = conn
+        .send(Command::new("b").arguments(&None::<Value>).unwrap())
+        .unwrap();
+    out.extend(take_transmit(&mut conn));
+    assert_eq!(
+        out,
+        b"{\"execute\":\"a\",\"id\":1}\n{\"execute\":\"b\",\"id\":2}\n"
+    );
+}
+
+#[test]
 fn arguments_and_raw_commands_go_out_as_given_with_our_id() {
     let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
     #[derive(serde::Serialize)]

@@ -1,0 +1,535 @@
+//! The client handle: cheap to clone, `Send + Sync`, usable from any number of tasks.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_channel::{mpsc, oneshot};
+use qmp_proto::{Command, Config, Connection, Event, Greeting, RawJson};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tracing::Instrument;
+
+use crate::driver::{Driver, Request, Timer, Transport};
+use crate::error::{Disconnect, Error};
+use crate::events::{EventFilter, Hub, Subscription};
+
+/// A boxed future, as the runtime hooks take and return them.
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What a client needs from an async runtime: spawning the connection's task, and sleeping (for
+/// connect deadlines and event waits). Adapters provide it.
+pub trait Runtime: Send + Sync + 'static {
+    /// Runs `future` to completion in the background.
+    fn spawn(&self, future: BoxFuture);
+    /// A future that completes after `duration`.
+    fn sleep(&self, duration: Duration) -> BoxFuture;
+}
+
+/// How a client connects and behaves. The defaults suit QEMU.
+///
+/// ```
+/// use std::time::Duration;
+/// let options = qmp_client::Options::new()
+///     .name("vm1")
+///     .timeout(Duration::from_secs(30))
+///     .event_buffer(4096);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Options {
+    pub(crate) config: Config,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) event_buffer: usize,
+    pub(crate) name: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            config: Config::default(),
+            connect_timeout: Duration::from_secs(10),
+            timeout: None,
+            event_buffer: 1024,
+            name: None,
+        }
+    }
+}
+
+impl Options {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Protocol limits and switches (message size, OOB, negotiation, ...); see
+    /// [`qmp_proto::Config`]. Default: [`Config::default`].
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// How long connecting may take, greeting and negotiation included (default 10 s). QEMU
+    /// serves one client per monitor: a second one gets no greeting until the first leaves, so
+    /// without a deadline a connect could wait forever.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The default timeout of every command (default none: QEMU commands may legitimately take
+    /// long). Per handle, [`Client::with_timeout`] overrides it.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Events each subscription queues before it reports [`Lagged`](crate::Lagged) (default 1024).
+    pub fn event_buffer(mut self, events: usize) -> Self {
+        self.event_buffer = events.max(1);
+        self
+    }
+
+    /// A name for the connection's `tracing` span (for example the VM's name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The connect deadline (for adapters).
+    pub fn connect_timeout_value(&self) -> Duration {
+        self.connect_timeout
+    }
+}
+
+/// Whether the connection is open.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum State {
+    /// Commands can be sent.
+    Open,
+    /// The connection ended, for this reason.
+    Closed(Disconnect),
+}
+
+/// State shared by the handles, the subscriptions and the driver of one connection.
+pub(crate) struct Shared {
+    pub(crate) hub: Hub,
+    pub(crate) runtime: Arc<dyn Runtime>,
+    pub(crate) oob: AtomicBool,
+    can_pass_fds: bool,
+    next_token: AtomicU64,
+    event_buffer: usize,
+    closed: Mutex<(Option<Disconnect>, Vec<Waker>)>,
+    commands: Mutex<Option<Arc<BTreeSet<String>>>>,
+}
+
+impl Shared {
+    pub(crate) fn set_closed(&self, reason: Disconnect) {
+        let wakers = {
+            let mut closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+            if closed.0.is_some() {
+                return;
+            }
+            closed.0 = Some(reason);
+            std::mem::take(&mut closed.1)
+        };
+        self.hub.close();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    fn closed_reason(&self) -> Option<Disconnect> {
+        self.closed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    pub(crate) fn disconnect_reason(&self) -> Disconnect {
+        self.closed_reason().unwrap_or(Disconnect::Local)
+    }
+}
+
+/// A QMP client: execute commands and subscribe to events, from any number of tasks at once.
+///
+/// Clones are cheap and share one connection, driven by a background task that owns the socket.
+/// Every call is cancel-safe: dropping its future at any point never leaves half a command on the
+/// wire; a command not yet written is never sent, and the late response of one already written is
+/// discarded. When the last handle is dropped the connection closes cleanly.
+///
+/// Get one from an adapter: `qmp_tokio::connect`, `qmp_async_std::connect`, ...
+#[derive(Clone)]
+pub struct Client {
+    tx: mpsc::UnboundedSender<Request>,
+    shared: Arc<Shared>,
+    greeting: Arc<Greeting>,
+    timeout: Option<Duration>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("version", &self.greeting.version)
+            .field("oob", &self.oob_enabled())
+            .field("timeout", &self.timeout)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of `add-fd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[non_exhaustive]
+pub struct AddFdInfo {
+    /// The fd set the descriptor was added to (open it as `/dev/fdset/<fdset-id>`).
+    #[serde(rename = "fdset-id")]
+    pub fdset_id: u64,
+    /// The descriptor's number inside QEMU.
+    pub fd: i64,
+}
+
+impl Client {
+    /// Starts a client over `io`: spawns its driver on `runtime` and waits for the greeting and
+    /// negotiation, within the connect timeout. Adapters call this; users call an adapter.
+    pub async fn start<T: Transport, S: Timer>(
+        io: T,
+        timer: S,
+        options: Options,
+        runtime: Arc<dyn Runtime>,
+    ) -> Result<Self, Error> {
+        let (tx, rx) = mpsc::unbounded();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let shared = Arc::new(Shared {
+            hub: Hub::default(),
+            runtime: Arc::clone(&runtime),
+            oob: AtomicBool::new(false),
+            can_pass_fds: io.can_pass_fds(),
+            next_token: AtomicU64::new(0),
+            event_buffer: options.event_buffer,
+            closed: Mutex::new((None, Vec::new())),
+            commands: Mutex::new(None),
+        });
+        let span = match &options.name {
+            Some(name) => tracing::debug_span!("qmp", name = %name),
+            None => tracing::debug_span!("qmp"),
+        };
+        let conn = Connection::new(options.config.clone());
+        let driver = Driver::new(conn, io, timer, rx, Arc::clone(&shared), ready_tx);
+        runtime.spawn(Box::pin(driver.run().instrument(span)));
+        // Dropping `tx` on timeout or error ends the driver and closes the socket.
+        match race(ready_rx, runtime.sleep(options.connect_timeout)).await {
+            None => Err(Error::Timeout),
+            Some(Err(oneshot::Canceled)) => Err(Error::Disconnected(shared.disconnect_reason())),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Ok(Ok(greeting))) => Ok(Self {
+                tx,
+                shared,
+                greeting: Arc::new(greeting),
+                timeout: options.timeout,
+            }),
+        }
+    }
+
+    // --- Commands ------------------------------------------------------------------------------
+
+    /// Executes `name` with `arguments` (anything that serializes to a JSON object, or `()` for
+    /// none) and returns the return value.
+    pub async fn execute(&self, name: &str, arguments: impl Serialize) -> Result<Value, Error> {
+        let raw = self.call(Command::new(name).arguments(&arguments)?).await?;
+        raw.to_value().map_err(Error::Decode)
+    }
+
+    /// Executes `name` and deserializes the return value straight into `R` (no intermediate
+    /// `Value`).
+    pub async fn execute_as<R: DeserializeOwned>(
+        &self,
+        name: &str,
+        arguments: impl Serialize,
+    ) -> Result<R, Error> {
+        let raw = self.call(Command::new(name).arguments(&arguments)?).await?;
+        raw.deserialize().map_err(Error::Decode)
+    }
+
+    /// Executes `name` out of band (`exec-oob`): it overtakes in-band commands. Fails with
+    /// [`SendError::OobNotEnabled`](qmp_proto::SendError::OobNotEnabled) if OOB was not negotiated.
+    pub async fn execute_oob(&self, name: &str, arguments: impl Serialize) -> Result<Value, Error> {
+        let raw = self
+            .call(Command::new(name).arguments(&arguments)?.oob())
+            .await?;
+        raw.to_value().map_err(Error::Decode)
+    }
+
+    /// Executes a pre-built command object as given (`{"execute": ..., "arguments": ...}`, for
+    /// tools that forward user input); its `id`, if any, is replaced by the client's own.
+    pub async fn execute_raw(&self, command: Value) -> Result<Value, Error> {
+        let raw = self.call(Command::from_json(command)?).await?;
+        raw.to_value().map_err(Error::Decode)
+    }
+
+    /// Executes a [`Command`] built with the core's builder and returns the return value unparsed.
+    pub async fn call(&self, command: Command) -> Result<RawJson, Error> {
+        self.submit(command, Vec::new()).await
+    }
+
+    /// Executes `name` with file descriptors attached (`SCM_RIGHTS`, unix sockets only). QEMU
+    /// hands them to the command that consumes them (`getfd`, `add-fd`, ...).
+    pub async fn execute_with_fds(
+        &self,
+        name: &str,
+        arguments: impl Serialize,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Value, Error> {
+        if !self.shared.can_pass_fds {
+            return Err(Error::FdPassingUnsupported);
+        }
+        let raw = self
+            .submit(Command::new(name).arguments(&arguments)?, fds)
+            .await?;
+        raw.to_value().map_err(Error::Decode)
+    }
+
+    /// Passes `fd` to QEMU under `fdname` (`getfd`), for commands that take an fd by name.
+    pub async fn getfd(&self, fdname: &str, fd: OwnedFd) -> Result<(), Error> {
+        let args = serde_json::json!({ "fdname": fdname });
+        self.execute_with_fds("getfd", args, vec![fd])
+            .await
+            .map(drop)
+    }
+
+    /// Adds `fd` to an fd set (`add-fd`); a new set unless `fdset_id` is given. Files can then be
+    /// opened as `/dev/fdset/<fdset-id>`.
+    pub async fn add_fd(
+        &self,
+        fd: OwnedFd,
+        fdset_id: Option<u64>,
+        opaque: Option<&str>,
+    ) -> Result<AddFdInfo, Error> {
+        #[derive(Serialize)]
+        struct Args<'a> {
+            #[serde(rename = "fdset-id", skip_serializing_if = "Option::is_none")]
+            fdset_id: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            opaque: Option<&'a str>,
+        }
+        let value = self
+            .execute_with_fds("add-fd", Args { fdset_id, opaque }, vec![fd])
+            .await?;
+        serde_json::from_value(value).map_err(Error::Decode)
+    }
+
+    /// A handle to the same connection whose commands time out after `timeout`.
+    ///
+    /// ```no_run
+    /// # async fn f(client: qmp_client::Client) -> Result<(), qmp_client::Error> {
+    /// use std::time::Duration;
+    /// let status = client.with_timeout(Duration::from_secs(2)).execute("query-status", ()).await?;
+    /// # let _ = status; Ok(()) }
+    /// ```
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            timeout: Some(timeout),
+            ..self.clone()
+        }
+    }
+
+    /// A handle to the same connection whose commands never time out.
+    pub fn without_timeout(&self) -> Self {
+        Self {
+            timeout: None,
+            ..self.clone()
+        }
+    }
+
+    async fn submit(&self, mut cmd: Command, fds: Vec<OwnedFd>) -> Result<RawJson, Error> {
+        if let Some(timeout) = self.timeout {
+            cmd = cmd.deadline(Instant::now() + timeout);
+        }
+        let (reply, response) = oneshot::channel();
+        let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .unbounded_send(Request::Execute {
+                cmd,
+                fds,
+                token,
+                reply,
+            })
+            .map_err(|_| Error::Disconnected(self.shared.disconnect_reason()))?;
+        // If this future is dropped before the response, tell the driver to forget the request.
+        let guard = CancelOnDrop {
+            tx: &self.tx,
+            token: Some(token),
+        };
+        let result = response.await;
+        guard.disarm();
+        result.unwrap_or_else(|_| Err(Error::Disconnected(self.shared.disconnect_reason())))
+    }
+
+    // --- Events --------------------------------------------------------------------------------
+
+    /// Subscribes to the events that pass `filter`. The subscription is in place when this
+    /// returns, so it sees every event a command sent afterwards causes, even those QEMU sends
+    /// before the command's own response.
+    pub fn subscribe(&self, filter: EventFilter) -> Subscription {
+        let sub = self.shared.hub.subscribe(filter, self.shared.event_buffer);
+        Subscription::new(sub, Arc::clone(&self.shared))
+    }
+
+    /// Waits up to `timeout` for an event that passes `filter`, from now on. To catch an event a
+    /// command causes, subscribe *before* sending the command and wait on the subscription:
+    ///
+    /// ```no_run
+    /// # async fn f(client: qmp_client::Client) -> Result<(), qmp_client::Error> {
+    /// use std::time::Duration;
+    /// use qmp_client::EventFilter;
+    /// use serde_json::json;
+    ///
+    /// let done = EventFilter::name("BLOCK_JOB_COMPLETED").data(json!({"device": "job0"}));
+    /// let mut events = client.subscribe(done.clone());
+    /// client.execute("blockdev-backup", json!({"job-id": "job0", "device": "src",
+    ///     "target": "tgt", "sync": "full"})).await?;
+    /// let event = events.wait_for(&done, Duration::from_secs(30)).await?;
+    /// # let _ = event; Ok(()) }
+    /// ```
+    pub async fn wait_for(&self, filter: EventFilter, timeout: Duration) -> Result<Event, Error> {
+        let mut sub = self.subscribe(filter.clone());
+        sub.wait_for(&filter, timeout).await
+    }
+
+    // --- Introspection -------------------------------------------------------------------------
+
+    /// The server's greeting (version and capabilities).
+    pub fn greeting(&self) -> &Greeting {
+        &self.greeting
+    }
+
+    /// Whether out-of-band execution was negotiated.
+    pub fn oob_enabled(&self) -> bool {
+        self.shared.oob.load(Ordering::Acquire)
+    }
+
+    /// The names of the commands the server has (`query-commands`, asked once and cached).
+    pub async fn commands(&self) -> Result<Arc<BTreeSet<String>>, Error> {
+        if let Some(cached) = self
+            .shared
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(cached);
+        }
+        #[derive(serde::Deserialize)]
+        struct Info {
+            name: String,
+        }
+        let list: Vec<Info> = self.execute_as("query-commands", ()).await?;
+        let names: Arc<BTreeSet<String>> = Arc::new(list.into_iter().map(|i| i.name).collect());
+        *self
+            .shared
+            .commands
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&names));
+        Ok(names)
+    }
+
+    /// Whether the server has command `name`.
+    pub async fn has_command(&self, name: &str) -> Result<bool, Error> {
+        Ok(self.commands().await?.contains(name))
+    }
+
+    /// The raw `query-qmp-schema`, for those who want to introspect everything.
+    pub async fn schema(&self) -> Result<Value, Error> {
+        self.execute("query-qmp-schema", ()).await
+    }
+
+    // --- Lifecycle -----------------------------------------------------------------------------
+
+    /// Whether the connection is open or why it closed.
+    pub fn state(&self) -> State {
+        self.shared
+            .closed_reason()
+            .map_or(State::Open, State::Closed)
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed_reason().is_some()
+    }
+
+    /// Completes when the connection closes, with the reason.
+    pub async fn closed(&self) -> Disconnect {
+        std::future::poll_fn(|cx| {
+            let mut closed = self
+                .shared
+                .closed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match &closed.0 {
+                Some(reason) => Poll::Ready(reason.clone()),
+                None => {
+                    if !closed.1.iter().any(|w| w.will_wake(cx.waker())) {
+                        closed.1.push(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// Closes the connection: what is already queued is written, the socket is shut down, calls
+    /// still waiting fail with [`Disconnect::Local`], and subscriptions end. Every handle sees the
+    /// connection closed.
+    pub async fn disconnect(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.unbounded_send(Request::Close { done }).is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+/// Sends a cancellation for `token` when dropped, unless disarmed.
+struct CancelOnDrop<'a> {
+    tx: &'a mpsc::UnboundedSender<Request>,
+    token: Option<u64>,
+}
+
+impl CancelOnDrop<'_> {
+    fn disarm(mut self) {
+        self.token = None;
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(token) = self.token {
+            let _ = self.tx.unbounded_send(Request::Cancel { token });
+        }
+    }
+}
+
+/// Runs `work` until `deadline` completes: `Some(output)` if the work finished first.
+pub(crate) async fn race<F: Future>(
+    work: F,
+    deadline: impl Future<Output = ()>,
+) -> Option<F::Output> {
+    let mut work = pin!(work);
+    let mut deadline = pin!(deadline);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        deadline.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}

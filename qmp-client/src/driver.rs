@@ -1,0 +1,376 @@
+//! The task that owns a connection: the socket, the [`Connection`] state machine, and the table of
+//! callers waiting for responses. Callers talk to it through a channel, so none of them ever
+//! touches the socket: a dropped call can never leave half a command on the wire.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_channel::{mpsc, oneshot};
+use futures_core::Stream;
+use qmp_proto::{Command, Connection, Greeting, Output, RawJson, RequestId, SendError};
+
+use crate::client::Shared;
+use crate::error::{Disconnect, Error};
+
+/// A byte stream a [`Driver`] can run a connection over. Adapters implement it for their runtime's
+/// sockets; the driver calls it from one task only.
+pub trait Transport: Send + 'static {
+    /// Reads into `buf`, as `AsyncRead::poll_read`: `Ok(0)` is end of stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+
+    /// Writes from `data`, as `AsyncWrite::poll_write`. When `fds` is not empty, they must travel
+    /// with the first byte of `data` (`SCM_RIGHTS`); only called so when
+    /// [`can_pass_fds`](Self::can_pass_fds) is true.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>>;
+
+    /// Flushes buffered writes (a no-op for plain sockets; needed by TLS and similar wrappers).
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Shuts the write side down, telling the peer we are done.
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Whether file descriptors can be passed (a unix socket).
+    fn can_pass_fds(&self) -> bool;
+}
+
+/// A resettable timer, for request deadlines.
+pub trait Timer: Send + 'static {
+    /// Ready once `at` has passed. Called with a new `at` whenever the earliest deadline changes;
+    /// must register the waker when pending.
+    fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()>;
+}
+
+/// What a client handle asks of the driver.
+pub(crate) enum Request {
+    Execute {
+        cmd: Command,
+        fds: Vec<OwnedFd>,
+        token: u64,
+        reply: Reply,
+    },
+    /// The caller gave up (its future was dropped).
+    Cancel { token: u64 },
+    /// Close once what is already queued is written.
+    Close { done: oneshot::Sender<()> },
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<RawJson, Error>>;
+
+struct Waiter {
+    token: u64,
+    reply: Reply,
+}
+
+/// Steps per wake-up before yielding to other tasks, so a flood of input cannot starve them.
+const BUDGET: usize = 64;
+/// Size of a socket read.
+const READ_CHUNK: usize = 64 << 10;
+
+/// The connection's task. Run it with [`run`](Self::run) on the runtime of your choice.
+pub(crate) struct Driver<T, S> {
+    conn: Connection,
+    io: T,
+    timer: S,
+    rx: mpsc::UnboundedReceiver<Request>,
+    shared: Arc<Shared>,
+    waiters: HashMap<RequestId, Waiter>,
+    tokens: HashMap<u64, RequestId>,
+    fds: HashMap<RequestId, Vec<OwnedFd>>,
+    buf: Box<[u8]>,
+    ready: Option<oneshot::Sender<Result<Greeting, Error>>>,
+    io_error: Option<Arc<io::Error>>,
+    needs_flush: bool,
+    /// Closing gracefully: no new requests; write what is queued, shut down, close.
+    closing: bool,
+    close_done: Vec<oneshot::Sender<()>>,
+}
+
+impl<T: Transport, S: Timer> Driver<T, S> {
+    pub(crate) fn new(
+        conn: Connection,
+        io: T,
+        timer: S,
+        rx: mpsc::UnboundedReceiver<Request>,
+        shared: Arc<Shared>,
+        ready: oneshot::Sender<Result<Greeting, Error>>,
+    ) -> Self {
+        Self {
+            conn,
+            io,
+            timer,
+            rx,
+            shared,
+            waiters: HashMap::new(),
+            tokens: HashMap::new(),
+            fds: HashMap::new(),
+            buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            ready: Some(ready),
+            io_error: None,
+            needs_flush: false,
+            closing: false,
+            close_done: Vec::new(),
+        }
+    }
+
+    /// Runs the connection until it closes.
+    pub(crate) async fn run(mut self) {
+        std::future::poll_fn(|cx| self.poll(cx)).await;
+        self.finish();
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        for _ in 0..BUDGET {
+            let mut progress = self.poll_requests(cx);
+            progress |= self.poll_write(cx);
+            progress |= self.poll_read(cx);
+            progress |= self.poll_timer(cx);
+            if self.closing && !self.conn.is_closed() && !self.conn.wants_write() {
+                match self.io.poll_close(cx) {
+                    Poll::Ready(_) => {
+                        self.conn.close();
+                        progress = true;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            self.dispatch();
+            if self.conn.is_closed() {
+                return Poll::Ready(());
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Still busy: let other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn poll_requests(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        while !self.closing {
+            match Pin::new(&mut self.rx).poll_next(cx) {
+                Poll::Ready(Some(request)) => {
+                    self.handle(request);
+                    progress = true;
+                }
+                Poll::Ready(None) => {
+                    // Every handle is gone: nobody can send or wait any more.
+                    tracing::debug!("last client handle dropped; closing");
+                    self.closing = true;
+                    progress = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        progress
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::Execute {
+                cmd,
+                fds,
+                token,
+                reply,
+            } => {
+                let cmd = if fds.is_empty() { cmd } else { cmd.with_fds() };
+                match self.conn.send(cmd) {
+                    Ok(id) => {
+                        self.waiters.insert(id, Waiter { token, reply });
+                        self.tokens.insert(token, id);
+                        if !fds.is_empty() {
+                            self.fds.insert(id, fds);
+                        }
+                    }
+                    Err(SendError::Closed) => {
+                        let _ = reply.send(Err(Error::Disconnected(self.reason())));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Send(e)));
+                    }
+                }
+            }
+            Request::Cancel { token } => {
+                if let Some(id) = self.tokens.remove(&token) {
+                    self.waiters.remove(&id);
+                    self.conn.cancel(id);
+                }
+            }
+            Request::Close { done } => {
+                self.closing = true;
+                self.close_done.push(done);
+            }
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        while let Some(t) = self.conn.poll_transmit() {
+            let fds = t
+                .fds_for
+                .and_then(|id| self.fds.get(&id))
+                .map_or(&[][..], Vec::as_slice);
+            match self.io.poll_write(cx, t.data, fds) {
+                Poll::Ready(Ok(0)) => {
+                    self.fail(io::ErrorKind::WriteZero.into());
+                    return true;
+                }
+                Poll::Ready(Ok(n)) => {
+                    tracing::trace!(sent = %String::from_utf8_lossy(&t.data[..n]).trim_end(), fds = fds.len());
+                    if let Some(id) = t.fds_for {
+                        // Sent: QEMU holds its own copies now.
+                        self.fds.remove(&id);
+                    }
+                    self.conn.advance_transmit(n);
+                    self.needs_flush = true;
+                    progress = true;
+                }
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(e)) => {
+                    self.fail(e);
+                    return true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.needs_flush && !self.conn.wants_write() {
+            match self.io.poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Err(e)) => {
+                    self.fail(e);
+                    return true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        progress
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.conn.wants_read() {
+            return false;
+        }
+        match self.io.poll_read(cx, &mut self.buf) {
+            Poll::Ready(Ok(0)) => {
+                tracing::debug!("end of stream");
+                self.conn.handle_eof();
+            }
+            Poll::Ready(Ok(n)) => {
+                let data = &self.buf[..n];
+                tracing::trace!(received = %String::from_utf8_lossy(data).trim_end());
+                self.conn.handle_input(data);
+            }
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Poll::Ready(Err(e)) => self.fail(e),
+            Poll::Pending => return false,
+        }
+        true
+    }
+
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(at) = self.conn.poll_timeout() else {
+            return false;
+        };
+        if self.timer.poll_at(cx, at).is_pending() {
+            return false;
+        }
+        // The timer fired for `at`, so `at` has passed whatever the two clocks' rounding.
+        self.conn.handle_timeout(Instant::now().max(at));
+        true
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        tracing::debug!(error = %e, "connection failed");
+        self.io_error = Some(Arc::new(e));
+        self.conn.close();
+    }
+
+    /// Why the connection closed, as far as it has.
+    fn reason(&self) -> Disconnect {
+        match (&self.io_error, self.conn.close_reason()) {
+            (Some(e), _) => Disconnect::Io(Arc::clone(e)),
+            (None, Some(reason)) => reason.clone().into(),
+            (None, None) => Disconnect::Local,
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while let Some(output) = self.conn.poll_output() {
+            match output {
+                Output::Greeting(g) => {
+                    tracing::debug!(version = %g.version, capabilities = ?g.capabilities, "greeting")
+                }
+                Output::Ready { oob } => {
+                    tracing::debug!(oob, "ready");
+                    self.shared.oob.store(oob, Ordering::Release);
+                    if let (Some(ready), Some(greeting)) = (self.ready.take(), self.conn.greeting())
+                    {
+                        let _ = ready.send(Ok(greeting.clone()));
+                    }
+                }
+                Output::Response { id, result } => {
+                    let Some(waiter) = self.waiters.remove(&id) else {
+                        continue;
+                    };
+                    self.tokens.remove(&waiter.token);
+                    let result = result.map_err(|e| Error::from_command(e, || self.reason()));
+                    let _ = waiter.reply.send(result);
+                }
+                Output::Event(event) => {
+                    tracing::trace!(name = %event.name, "event");
+                    self.shared.hub.publish(event);
+                }
+                Output::Unmatched(u) => {
+                    tracing::debug!(id = ?u.id.as_ref().map(RawJson::get), result = ?u.result, "response matching no request");
+                }
+                Output::Malformed(m) => {
+                    tracing::warn!(kind = %m.kind, "skipped malformed input from the server");
+                }
+                Output::Closed(_) => {
+                    let reason = self.reason();
+                    tracing::debug!(%reason, "closed");
+                    self.shared.set_closed(reason.clone());
+                    if let Some(ready) = self.ready.take() {
+                        let e = match reason {
+                            Disconnect::Protocol(p) => Error::Protocol(p),
+                            other => Error::Disconnected(other),
+                        };
+                        let _ = ready.send(Err(e));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// After the connection closed: refuse what is still queued and release everything.
+    fn finish(&mut self) {
+        self.rx.close();
+        let reason = self.reason();
+        while let Ok(request) = self.rx.try_recv() {
+            if let Request::Execute { reply, .. } = request {
+                let _ = reply.send(Err(Error::Disconnected(reason.clone())));
+            }
+        }
+        for (_, waiter) in self.waiters.drain() {
+            let _ = waiter.reply.send(Err(Error::Disconnected(reason.clone())));
+        }
+        self.fds.clear();
+        self.shared.set_closed(reason);
+        for done in self.close_done.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}

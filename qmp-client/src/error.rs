@@ -1,0 +1,111 @@
+//! The one error type of the client.
+
+use std::io;
+use std::sync::Arc;
+
+use qmp_proto::{ArgumentsError, CloseReason, CommandError, ProtocolError, QmpError, SendError};
+
+/// Everything a client call can fail with. Match on the variant; the message says what to do.
+///
+/// ```
+/// # use qmp_client::Error;
+/// fn describe(e: &Error) -> &'static str {
+///     match e {
+///         Error::Qmp(q) if q.class == "DeviceNotFound" => "no such device",
+///         Error::Qmp(_) => "QEMU refused the command",
+///         Error::Timeout => "no answer in time",
+///         Error::Disconnected(_) => "the connection is gone",
+///         _ => "something else",
+///     }
+/// }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// QEMU refused the command: `class` says why (an open set), `desc` is for humans.
+    #[error("QMP error: {0}")]
+    Qmp(QmpError),
+    /// No response within the timeout (or the connect deadline). A command that was written
+    /// stays on the wire; its late response is discarded.
+    #[error("timed out")]
+    Timeout,
+    /// The connection is closed, or closed before the response arrived.
+    #[error("disconnected: {0}")]
+    Disconnected(Disconnect),
+    /// The server broke the protocol during the handshake (not a QMP monitor? a guest agent
+    /// socket?).
+    #[error("protocol error: {0}")]
+    Protocol(ProtocolError),
+    /// Connecting, accepting or binding failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The command was refused before it was sent (too many pending, OOB not enabled, too large).
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The arguments could not be turned into a QMP command.
+    #[error(transparent)]
+    Arguments(#[from] ArgumentsError),
+    /// The return value did not deserialize into the requested type.
+    #[error("the return value did not deserialize into the requested type: {0}")]
+    Decode(#[source] serde_json::Error),
+    /// The request failed in another way the core reports: its response was too large or too
+    /// deep to read, or it asked for OOB on a connection that did not negotiate it.
+    #[error(transparent)]
+    Command(CommandError),
+    /// File descriptors can only travel over a unix socket (`SCM_RIGHTS`); this connection is not
+    /// one.
+    #[error("file descriptors can only be passed over a unix socket")]
+    FdPassingUnsupported,
+    /// A subscriber fell behind and missed events (see [`Lagged`](crate::Lagged)).
+    #[error("missed {missed} events: the subscriber fell behind")]
+    Lagged {
+        /// How many events were missed.
+        missed: u64,
+    },
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// The server closed the connection (QEMU exited or was killed, or `quit`).
+    #[error("the server closed the connection")]
+    PeerClosed,
+    /// This side closed it: [`Client::disconnect`](crate::Client::disconnect), or the last handle
+    /// was dropped.
+    #[error("the connection was closed locally")]
+    Local,
+    /// The server broke the protocol.
+    #[error(transparent)]
+    Protocol(ProtocolError),
+    /// Reading or writing the socket failed.
+    #[error("I/O error: {0}")]
+    Io(Arc<io::Error>),
+}
+
+impl From<CloseReason> for Disconnect {
+    fn from(reason: CloseReason) -> Self {
+        match reason {
+            CloseReason::Protocol(p) => Self::Protocol(p),
+            CloseReason::Local => Self::Local,
+            // `CloseReason` is non-exhaustive; anything new is the peer's doing.
+            _ => Self::PeerClosed,
+        }
+    }
+}
+
+impl Error {
+    pub(crate) fn from_command(e: CommandError, closed: impl FnOnce() -> Disconnect) -> Self {
+        match e {
+            CommandError::Qmp(q) => Self::Qmp(q),
+            CommandError::TimedOut => Self::Timeout,
+            CommandError::Closed => Self::Disconnected(closed()),
+            other => Self::Command(other),
+        }
+    }
+
+    /// Whether this is a QMP error of class `class`.
+    pub fn is_qmp_class(&self, class: &str) -> bool {
+        matches!(self, Self::Qmp(q) if q.class == class)
+    }
+}

@@ -1,0 +1,110 @@
+//! Sending file descriptors with `SCM_RIGHTS`, and socket addresses.
+
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+/// Sends `data` on a unix socket with `fds` attached to its first byte (`SCM_RIGHTS`), in one
+/// non-blocking `sendmsg`. For adapters' [`Transport::poll_write`](crate::Transport::poll_write).
+pub fn send_with_fds(socket: impl AsFd, data: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
+    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other(
+            "too many file descriptors for one message",
+        ));
+    }
+    let iov = [IoSlice::new(data)];
+    Ok(rustix::net::sendmsg(
+        socket,
+        &iov,
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
+}
+
+/// Where a QMP server listens (or where we listen for QEMU to connect).
+///
+/// From a string: `unix:PATH` and `tcp:HOST:PORT` say it outright; otherwise anything with a
+/// `/`, or without a `:PORT` at the end, is a unix socket path, and `HOST:PORT` is TCP.
+///
+/// ```
+/// use qmp_client::Address;
+/// assert!(matches!(Address::from("/run/qemu/vm1.qmp"), Address::Unix(_)));
+/// assert!(matches!(Address::from("vm1.qmp"), Address::Unix(_)));
+/// assert!(matches!(Address::from("localhost:4444"), Address::Tcp(_)));
+/// assert!(matches!(Address::from("[::1]:4444"), Address::Tcp(_)));
+/// assert!(matches!(Address::from("unix:odd:name"), Address::Unix(_)));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Address {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A TCP `host:port`.
+    Tcp(String),
+}
+
+impl From<&str> for Address {
+    fn from(s: &str) -> Self {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Self::Unix(path.into());
+        }
+        if let Some(hostport) = s.strip_prefix("tcp:") {
+            return Self::Tcp(hostport.into());
+        }
+        let tcp = !s.contains('/')
+            && s.rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if tcp {
+            Self::Tcp(s.into())
+        } else {
+            Self::Unix(s.into())
+        }
+    }
+}
+
+impl From<String> for Address {
+    fn from(s: String) -> Self {
+        Self::from(s.as_str())
+    }
+}
+
+impl From<&Path> for Address {
+    fn from(p: &Path) -> Self {
+        Self::Unix(p.into())
+    }
+}
+
+impl From<PathBuf> for Address {
+    fn from(p: PathBuf) -> Self {
+        Self::Unix(p)
+    }
+}
+
+impl From<&PathBuf> for Address {
+    fn from(p: &PathBuf) -> Self {
+        Self::Unix(p.clone())
+    }
+}
+
+impl From<SocketAddr> for Address {
+    fn from(a: SocketAddr) -> Self {
+        Self::Tcp(a.to_string())
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! Test kit shared by the adapters' tests: a scripted fake QMP server, and real peers
+//! (qemu-storage-daemon) started on temp-dir sockets.
+//!
+//! Everything here is plain `std` threads and sockets, so the same kit serves tokio, async-std,
+//! smol and blocking clients alike. Peers are killed (only the ones started here) and their temp
+//! dirs removed when dropped.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// The greeting of qemu-storage-daemon 10.0.2 as the fake server sends it.
+pub const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "fake"}, "capabilities": ["oob"]}}"#;
+
+/// A scripted fake QMP server on a unix socket in a temp dir. Each connection runs `script` on
+/// its own thread.
+pub struct FakeServer {
+    dir: TempDir,
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+    failures: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeServer {
+    /// Starts a server running `script` for every connection.
+    pub fn start<F>(script: F) -> Self
+    where
+        F: Fn(&mut ServerConn) + Send + Sync + 'static,
+    {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind fake server");
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(script);
+        let thread = {
+            let (stop, connections, failures) =
+                (stop.clone(), connections.clone(), failures.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    connections.fetch_add(1, Ordering::AcqRel);
+                    let (script, failures) = (script.clone(), failures.clone());
+                    std::thread::spawn(move || {
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            let mut conn = ServerConn::new(stream);
+                            script(&mut conn);
+                        }));
+                        if let Err(panic) = result {
+                            let msg = panic
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                                .unwrap_or_default();
+                            // A client that hangs up early makes scripted writes fail: not a bug.
+                            if !msg.contains("Broken pipe") && !msg.contains("Connection reset") {
+                                failures.lock().expect("failures").push(msg);
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        Self {
+            dir,
+            path,
+            stop,
+            connections,
+            thread: Some(thread),
+            failures,
+        }
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The temp dir the socket lives in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// How many connections were accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Panics if a script panicked (an assertion in the server script failed).
+    pub fn check(&self) {
+        let failures = self.failures.lock().expect("failures");
+        assert!(
+            failures.is_empty(),
+            "fake server script failed: {failures:?}"
+        );
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if !std::thread::panicking() {
+            self.check();
+        }
+    }
+}
+
+/// A command the fake server received.
+#[derive(Debug)]
+pub struct Received {
+    /// The command object.
+    pub command: Value,
+    /// File descriptors that arrived with its bytes.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Received {
+    /// The command name (`execute` or `exec-oob`).
+    pub fn name(&self) -> &str {
+        self.command
+            .get("execute")
+            .or_else(|| self.command.get("exec-oob"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    /// Whether it was sent with `exec-oob`.
+    pub fn is_oob(&self) -> bool {
+        self.command.get("exec-oob").is_some()
+    }
+
+    /// Its arguments (`null` when absent).
+    pub fn arguments(&self) -> &Value {
+        self.command.get("arguments").unwrap_or(&Value::Null)
+    }
+}
+
+/// One connection of a [`FakeServer`], from the server's side.
+pub struct ServerConn {
+    stream: UnixStream,
+    inbox: Vec<u8>,
+    commands: VecDeque<Received>,
+    fds: Vec<OwnedFd>,
+    /// Render messages like a `pretty=on` monitor.
+    pub pretty: bool,
+}
+
+impl ServerConn {
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            inbox: Vec::new(),
+            commands: VecDeque::new(),
+            fds: Vec::new(),
+            pretty: false,
+        }
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("fake server write");
+    }
+
+    /// Sends `bytes` in pieces of `piece` bytes, pausing `pause` between them.
+    pub fn send_fragmented(&mut self, bytes: &[u8], piece: usize, pause: Duration) {
+        for chunk in bytes.chunks(piece.max(1)) {
+            self.send_raw(chunk);
+            self.stream.flush().expect("flush");
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// Sends a JSON message (compact or pretty), CRLF-terminated as QEMU does.
+    pub fn send(&mut self, msg: &Value) {
+        let mut text = if self.pretty {
+            serde_json::to_string_pretty(msg)
+                .expect("json")
+                .replace('\n', "\r\n")
+        } else {
+            msg.to_string()
+        };
+        text.push_str("\r\n");
+        self.send_raw(text.as_bytes());
+    }
+
+    /// Sends the greeting, offering `oob` or not.
+    pub fn greet(&mut self, oob: bool) {
+        let caps: Vec<&str> = if oob { vec!["oob"] } else { vec![] };
+        self.send(
+            &json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+            "package": "fake"}, "capabilities": caps}}),
+        );
+    }
+
+    /// Greets (offering OOB) and answers `qmp_capabilities`. Returns the capabilities asked for.
+    pub fn handshake(&mut self) -> Value {
+        self.greet(true);
+        let caps = self.recv().expect("qmp_capabilities");
+        assert_eq!(caps.name(), "qmp_capabilities", "first command");
+        self.reply(&caps.command, json!({}));
+        caps.arguments().get("enable").cloned().unwrap_or(json!([]))
+    }
+
+    /// The next command from the client, or `None` at end of stream.
+    pub fn recv(&mut self) -> Option<Received> {
+        loop {
+            if let Some(r) = self.commands.pop_front() {
+                return Some(r);
+            }
+            let mut buf = vec![0u8; 64 << 10];
+            let n = self.read_with_fds(&mut buf).ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.inbox.extend_from_slice(&buf[..n]);
+            let mut stream = serde_json::Deserializer::from_slice(&self.inbox).into_iter::<Value>();
+            let mut consumed = 0;
+            let mut got = Vec::new();
+            while let Some(Ok(v)) = stream.next() {
+                consumed = stream.byte_offset();
+                got.push(v);
+            }
+            self.inbox.drain(..consumed);
+            let mut fds = std::mem::take(&mut self.fds);
+            for command in got {
+                // Descriptors belong to the first command read with them.
+                self.commands.push_back(Received {
+                    command,
+                    fds: std::mem::take(&mut fds),
+                });
+            }
+            self.fds = fds;
+        }
+    }
+
+    /// Reads the next command and checks its name.
+    pub fn expect(&mut self, name: &str) -> Received {
+        let r = self
+            .recv()
+            .unwrap_or_else(|| panic!("EOF while expecting {name}"));
+        assert_eq!(r.name(), name, "unexpected command {}", r.command);
+        r
+    }
+
+    fn read_with_fds(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = rustix::net::recvmsg(
+            &self.stream,
+            &mut iov,
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = m {
+                self.fds.extend(fds);
+            }
+        }
+        Ok(msg.bytes)
+    }
+
+    /// Answers `command` with a return value, echoing its id.
+    pub fn reply(&mut self, command: &Value, ret: Value) {
+        let mut msg = json!({ "return": ret });
+        if let Some(id) = command.get("id") {
+            msg["id"] = id.clone();
+        }
+        self.send(&msg);
+    }
+
+    /// Answers `command` with an error, echoing its id.
+    pub fn reply_error(&mut self, command: &Value, class: &str, desc: &str) {
+        let mut msg = json!({ "error": {"class": class, "desc": desc} });
+        if let Some(id) = command.get("id") {
+            msg["id"] = id.clone();
+        }
+        self.send(&msg);
+    }
+
+    /// An error without an id, as QEMU sends when it cannot parse its input.
+    pub fn idless_error(&mut self, desc: &str) {
+        self.send(&json!({"error": {"class": "GenericError", "desc": desc}}));
+    }
+
+    /// An event with a real-looking timestamp.
+    pub fn event(&mut self, name: &str, data: Value) {
+        self.send(
+            &json!({"timestamp": {"seconds": 1795648047, "microseconds": 84562},
+            "event": name, "data": data}),
+        );
+    }
+
+    /// Serves until the client hangs up: `query-version` gets a real answer, everything else
+    /// `{}`, each echoing its id.
+    pub fn serve_forever(&mut self) {
+        while let Some(r) = self.recv() {
+            let ret = if r.name() == "query-version" {
+                json!({"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "fake"})
+            } else {
+                json!({})
+            };
+            self.reply(&r.command, ret);
+        }
+    }
+
+    /// Closes the connection (both directions).
+    pub fn close(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The underlying socket.
+    pub fn stream(&mut self) -> &mut UnixStream {
+        &mut self.stream
+    }
+}
+
+/// Looks a program up on `PATH`; panics with a clear message when it is missing, so a test that
+/// needs a real peer fails loudly instead of passing silently.
+pub fn require(program: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{program} not found on PATH: install {package} (tests need a real peer)")
+        })
+}
+
+/// A qemu-storage-daemon started by a test, on a socket in its own temp dir. Dropping it kills it
+/// (only it) and removes the dir.
+pub struct Qsd {
+    child: Child,
+    dir: TempDir,
+    socket: PathBuf,
+}
+
+impl Qsd {
+    /// Starts a daemon listening on a QMP socket (`server=on`); waits until the socket exists.
+    pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// The same with `pretty=on` (multi-line output).
+    pub fn start_pretty() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(pretty: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("qmp.sock");
+        let monitor = if pretty {
+            "chardev=m,pretty=on"
+        } else {
+            "chardev=m"
+        };
+        let chardev = format!("socket,path={},server=on,wait=off,id=m", socket.display());
+        let child = spawn_qsd(&chardev, monitor);
+        let qsd = Self { child, dir, socket };
+        qsd.wait_for_socket();
+        qsd
+    }
+
+    /// Starts a daemon that connects to `socket` (`server=off`), for accept-mode tests. Bind the
+    /// listener first.
+    pub fn connect_to(socket: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let chardev = format!("socket,path={},server=off,id=m", socket.display());
+        let child = spawn_qsd(&chardev, "chardev=m");
+        Self {
+            child,
+            dir,
+            socket: socket.to_owned(),
+        }
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The QMP socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A scratch dir that lives as long as the daemon.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the daemon with SIGKILL now (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_qsd(chardev: &str, monitor: &str) -> Child {
+    let program = require("qemu-storage-daemon", "qemu-utils");
+    Command::new(program)
+        .args(["--chardev", chardev, "--monitor", monitor])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-storage-daemon")
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads everything a socket sends until EOF or `timeout` (for tests of raw wire behaviour).
+pub fn read_until_eof(stream: &mut UnixStream, timeout: Duration) -> Vec<u8> {
+    stream.set_read_timeout(Some(timeout)).expect("timeout");
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    out
+}

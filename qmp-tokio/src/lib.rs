@@ -1,0 +1,266 @@
+//! A QEMU Machine Protocol (QMP) client for [tokio].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use qmp_tokio::{EventFilter, Options};
+//! use serde_json::json;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), qmp_tokio::Error> {
+//! let client = qmp_tokio::connect("/run/qemu/vm1.qmp", Options::new()).await?;
+//! println!("QEMU {}", client.greeting().version);
+//!
+//! // Subscribe before the command, so even events QEMU sends before its reply are seen.
+//! let done = EventFilter::name("BLOCK_JOB_COMPLETED").data(json!({"device": "job0"}));
+//! let mut events = client.subscribe(done.clone());
+//! client.execute("blockdev-backup",
+//!     json!({"job-id": "job0", "device": "src", "target": "tgt", "sync": "full"})).await?;
+//! let event = events.wait_for(&done, Duration::from_secs(60)).await?;
+//! println!("{} at {:?}", event.name, event.timestamp);
+//! client.disconnect().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Everything else — [`Client`], [`Options`], [`EventFilter`], [`Error`] — comes from
+//! `qmp-client` and is the same in `qmp-async-std`; this crate adds only what ties it to tokio:
+//! [`connect`], [`Listener`] (QEMU connecting to us), [`wrap`] and [`wrap_unix`] (any stream).
+//!
+//! The connection runs in a task spawned on the current tokio runtime, which owns the socket.
+//! Commands and subscriptions talk to it through channels, so every call is cancel-safe.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use qmp_client::{BoxFuture, Runtime, Timer, Transport, send_with_fds};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+pub use qmp_client::{
+    AddFdInfo, Address, ArgumentsError, Client, Command, CommandError, Config, Disconnect, Error,
+    Event, EventFilter, EventItem, Greeting, Lagged, Options, ProtocolError, QmpError, RawJson,
+    SendError, State, Subscription, Timestamp, Version, qmp_proto,
+};
+
+/// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),
+/// and completes the handshake, all within [`Options::connect_timeout`].
+pub async fn connect(address: impl Into<Address>, options: Options) -> Result<Client, Error> {
+    let address = address.into();
+    let deadline = options.connect_timeout_value();
+    let started = Instant::now();
+    let stream = tokio::time::timeout(deadline, async {
+        match &address {
+            Address::Unix(path) => UnixStream::connect(path).await.map(Stream::Unix),
+            Address::Tcp(hostport) => {
+                let s = TcpStream::connect(hostport.as_str()).await?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            // `Address` is non-exhaustive; a kind this adapter does not know cannot connect.
+            other => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{other}"),
+            )),
+        }
+    })
+    .await
+    .map_err(|_| Error::Timeout)??;
+    let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
+    start(stream, options).await
+}
+
+/// Runs a client over a connected unix socket (for example one of a `socketpair`, or inherited).
+/// File descriptors can be passed.
+pub async fn wrap_unix(stream: UnixStream, options: Options) -> Result<Client, Error> {
+    start(Stream::Unix(stream), options).await
+}
+
+/// Runs a client over any byte stream: TLS, a pipe, an in-memory duplex. File descriptors cannot
+/// be passed over it.
+pub async fn wrap<S>(stream: S, options: Options) -> Result<Client, Error>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    start(Stream::Other(Box::new(stream)), options).await
+}
+
+async fn start(stream: Stream, options: Options) -> Result<Client, Error> {
+    let timer = TokioTimer {
+        sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        at: None,
+    };
+    let runtime = Arc::new(TokioRuntime(tokio::runtime::Handle::current()));
+    Client::start(TokioTransport(stream), timer, options, runtime).await
+}
+
+/// A socket QEMU connects to (its `server=off` chardevs): bind, start QEMU, accept.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), qmp_tokio::Error> {
+/// let listener = qmp_tokio::Listener::bind("/tmp/qmp.sock").await?;
+/// // qemu-storage-daemon --chardev socket,path=/tmp/qmp.sock,server=off,id=m --monitor chardev=m
+/// let client = listener.accept(qmp_tokio::Options::new()).await?;
+/// # let _ = client; Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Listener {
+    inner: ListenerKind,
+}
+
+#[derive(Debug)]
+enum ListenerKind {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Listens on `address`. A unix socket file is created (and removed when the listener is
+    /// dropped); an existing file there is an error.
+    pub async fn bind(address: impl Into<Address>) -> Result<Self, Error> {
+        let inner = match address.into() {
+            Address::Unix(path) => ListenerKind::Unix(UnixListener::bind(&path)?, path),
+            Address::Tcp(hostport) => {
+                ListenerKind::Tcp(TcpListener::bind(hostport.as_str()).await?)
+            }
+            other => {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{other}")).into());
+            }
+        };
+        Ok(Self { inner })
+    }
+
+    /// The unix socket path, if this is a unix listener.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.inner {
+            ListenerKind::Unix(_, path) => Some(path),
+            ListenerKind::Tcp(_) => None,
+        }
+    }
+
+    /// The TCP address, if this is a TCP listener (useful after binding port 0).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.inner {
+            ListenerKind::Unix(..) => None,
+            ListenerKind::Tcp(l) => l.local_addr().ok(),
+        }
+    }
+
+    /// Waits for QEMU to connect (no deadline: it connects when it starts), then completes the
+    /// handshake within [`Options::connect_timeout`].
+    pub async fn accept(&self, options: Options) -> Result<Client, Error> {
+        let stream = match &self.inner {
+            ListenerKind::Unix(l, _) => Stream::Unix(l.accept().await?.0),
+            ListenerKind::Tcp(l) => {
+                let s = l.accept().await?.0;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+        };
+        start(stream, options).await
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenerKind::Unix(_, path) = &self.inner {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+    Other(Box<dyn Io>),
+}
+
+impl Stream {
+    fn io(&mut self) -> Pin<&mut dyn Io> {
+        match self {
+            Self::Unix(s) => Pin::new(s),
+            Self::Tcp(s) => Pin::new(s),
+            Self::Other(s) => Pin::new(&mut **s),
+        }
+    }
+}
+
+struct TokioTransport(Stream);
+
+impl Transport for TokioTransport {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut buf = ReadBuf::new(buf);
+        ready!(self.0.io().poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        fds: &[std::os::fd::OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.0 {
+            Stream::Unix(s) if !fds.is_empty() => loop {
+                ready!(s.poll_write_ready(cx))?;
+                match s.try_io(tokio::io::Interest::WRITABLE, || {
+                    send_with_fds(&*s, data, fds)
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    result => return Poll::Ready(result),
+                }
+            },
+            stream => stream.io().poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.io().poll_flush(cx)
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.io().poll_shutdown(cx)
+    }
+
+    fn can_pass_fds(&self) -> bool {
+        matches!(self.0, Stream::Unix(_))
+    }
+}
+
+struct TokioTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    at: Option<Instant>,
+}
+
+impl Timer for TokioTimer {
+    fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()> {
+        if self.at != Some(at) {
+            self.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(at));
+            self.at = Some(at);
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
+
+struct TokioRuntime(tokio::runtime::Handle);
+
+impl Runtime for TokioRuntime {
+    fn spawn(&self, future: BoxFuture) {
+        drop(self.0.spawn(future));
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFuture {
+        Box::pin(tokio::time::sleep(duration))
+    }
+}
