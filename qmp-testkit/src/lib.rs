@@ -64,7 +64,7 @@ impl FakeServer {
                     let (script, failures) = (script.clone(), failures.clone());
                     std::thread::spawn(move || {
                         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            let mut conn = ServerConn::new(stream);
+                            let mut conn = ServerConn::from_stream(stream);
                             script(&mut conn);
                         }));
                         if let Err(panic) = result {
@@ -172,7 +172,8 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    fn new(stream: UnixStream) -> Self {
+    /// Serves the client on the other end of `stream` (for socketpair tests).
+    pub fn from_stream(stream: UnixStream) -> Self {
         Self {
             stream,
             inbox: Vec::new(),
