@@ -31,6 +31,21 @@ pub trait Runtime: Send + Sync + 'static {
     fn spawn(&self, future: BoxFuture);
     /// A future that completes after `duration`.
     fn sleep(&self, duration: Duration) -> BoxFuture;
+    /// A future that lets the runtime's other tasks run once, then completes. The driver awaits
+    /// it when a subscriber's queue fills, so subscribers catch up before more is read. The
+    /// default wakes itself at once; runtimes that can defer a task behind the others (tokio's
+    /// `yield_now`) should.
+    fn yield_now(&self) -> BoxFuture {
+        let mut yielded = false;
+        Box::pin(std::future::poll_fn(move |cx| {
+            if std::mem::replace(&mut yielded, true) {
+                Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }))
+    }
 }
 
 /// How a client connects and behaves. The defaults suit QEMU.

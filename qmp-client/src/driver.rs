@@ -91,6 +91,9 @@ pub(crate) struct Driver<T, S> {
     ready: Option<oneshot::Sender<Result<Greeting, Error>>>,
     io_error: Option<Arc<io::Error>>,
     needs_flush: bool,
+    /// A subscriber's queue filled up: yield so it can catch up before more is read.
+    yield_now: bool,
+    yielding: Option<crate::client::BoxFuture>,
     /// Closing gracefully: no new requests; write what is queued, shut down, close.
     closing: bool,
     close_done: Vec<oneshot::Sender<()>>,
@@ -118,6 +121,8 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             ready: Some(ready),
             io_error: None,
             needs_flush: false,
+            yield_now: false,
+            yielding: None,
             closing: false,
             close_done: Vec::new(),
         }
@@ -130,6 +135,12 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(yielding) = &mut self.yielding {
+            if yielding.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.yielding = None;
+        }
         for _ in 0..BUDGET {
             let mut progress = self.poll_requests(cx);
             progress |= self.poll_write(cx);
@@ -151,9 +162,17 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             if !progress {
                 return Poll::Pending;
             }
+            if std::mem::take(&mut self.yield_now) {
+                break;
+            }
         }
-        // Still busy: let other tasks run, and come back.
-        cx.waker().wake_by_ref();
+        // Still busy, or a subscriber needs to catch up: let other tasks run, and come back.
+        let mut yielding = self.shared.runtime.yield_now();
+        if yielding.as_mut().poll(cx).is_pending() {
+            self.yielding = Some(yielding);
+        } else {
+            cx.waker().wake_by_ref();
+        }
         Poll::Pending
     }
 
@@ -330,7 +349,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 }
                 Output::Event(event) => {
                     tracing::trace!(name = %event.name, "event");
-                    self.shared.hub.publish(event);
+                    self.yield_now |= self.shared.hub.publish(event);
                 }
                 Output::Unmatched(u) => {
                     tracing::debug!(id = ?u.id.as_ref().map(RawJson::get), result = ?u.result, "response matching no request");

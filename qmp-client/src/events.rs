@@ -153,15 +153,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Subscriber {
-    /// Queues `event`, or counts it as missed when the queue is full.
-    fn push(&self, event: Event) {
+    /// Queues `event`, or counts it as missed when the queue is full. Returns whether the queue
+    /// is at least half full.
+    fn push(&self, event: Event) -> bool {
         let mut q = lock(&self.queue);
         if q.closed {
-            return;
+            return false;
         }
         if q.items.len() >= self.capacity {
             q.missed += 1;
-            return;
+            return true;
         }
         if q.missed > 0 {
             // The marker goes where the gap is; it may take the queue one past its capacity.
@@ -172,6 +173,7 @@ impl Subscriber {
         if let Some(w) = q.waker.take() {
             w.wake();
         }
+        q.items.len() * 2 >= self.capacity
     }
 
     fn close(&self) {
@@ -228,20 +230,23 @@ impl Hub {
     }
 
     /// Delivers `event` to every subscriber whose filter matches. Dropped subscriptions are
-    /// forgotten here.
-    pub(crate) fn publish(&self, event: Event) {
+    /// forgotten here. Returns whether a subscriber's queue is half full or more: the driver then
+    /// lets other tasks (the subscribers) run before it reads on.
+    pub(crate) fn publish(&self, event: Event) -> bool {
         let mut subs = lock(&self.subscribers);
         subs.retain(|s| Arc::strong_count(s) > 1);
         // Clone for all matches but the last, which takes the event itself.
         let mut last: Option<&Arc<Subscriber>> = None;
+        let mut pressure = false;
         for sub in subs.iter().filter(|s| s.filter.matches(&event)) {
             if let Some(prev) = last.replace(sub) {
-                prev.push(event.clone());
+                pressure |= prev.push(event.clone());
             }
         }
         if let Some(sub) = last {
-            sub.push(event);
+            pressure |= sub.push(event);
         }
+        pressure
     }
 
     /// Ends every subscription's stream (after what is queued) and any made later.

@@ -33,7 +33,7 @@ impl Default for Config {
             max_in_flight: 8,
             max_buffered_outputs: 1024,
             max_command_size: QEMU_MAX_MESSAGE,
-            enable_oob: true,
+            enable_oob: false,
             negotiate: true,
         }
     }
@@ -151,9 +151,11 @@ impl ConfigBuilder {
         self
     }
 
-    /// Negotiate out-of-band execution when the server offers it (default true, as QEMU's own
-    /// Python client does). It costs nothing for in-band commands and lets
-    /// [`Command::oob`](crate::Command::oob) commands overtake them.
+    /// Negotiate out-of-band execution when the server offers it (default false). It lets
+    /// [`Command::oob`](crate::Command::oob) commands overtake in-band ones, at a price: QEMU then
+    /// queues at most 8 in-band commands, so the connection holds further ones back
+    /// ([`max_in_flight`](Self::max_in_flight)) and pipelines less. Turn it on when you use OOB
+    /// commands (`migrate-pause`, `migrate-recover`, ...).
     pub fn enable_oob(mut self, enable: bool) -> Self {
         self.0.enable_oob = enable;
         self

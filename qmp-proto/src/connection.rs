@@ -116,12 +116,11 @@ pub struct Stats {
 ///     "package": ""}, "capabilities": ["oob"]}}"#);
 /// assert!(matches!(conn.poll_output(), Some(Output::Greeting(g)) if g.version.major == 10));
 /// let sent = conn.poll_transmit().unwrap().data.to_vec();
-/// assert_eq!(sent, br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":0}
-/// "#);
+/// assert_eq!(sent, b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n");
 /// conn.advance_transmit(sent.len());
 ///
 /// conn.handle_input(b"{\"return\": {}, \"id\": 0}\r\n");
-/// assert_eq!(conn.poll_output(), Some(Output::Ready { oob: true }));
+/// assert_eq!(conn.poll_output(), Some(Output::Ready { oob: false })); // OOB is opt-in
 /// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"query-status\",\"id\":1}\n");
 ///
 /// conn.handle_input(b"{\"return\": {\"status\": \"running\"}, \"id\": 1}\r\n");

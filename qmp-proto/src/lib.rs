@@ -43,7 +43,7 @@
 //! conn.advance_transmit(n);
 //!
 //! conn.handle_input(b"{\"return\": {}, \"id\": 0}\r\n");
-//! assert_eq!(conn.poll_output(), Some(Output::Ready { oob: true }));
+//! assert_eq!(conn.poll_output(), Some(Output::Ready { oob: false }));
 //! assert_eq!(conn.state(), State::Ready);
 //!
 //! // A command, an event that arrives before its response, and the response.

@@ -10,7 +10,7 @@ use serde_json::json;
 #[test]
 fn a_request_past_its_deadline_times_out_once_and_its_late_response_is_dropped() {
     for chunking in CHUNKINGS {
-        let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+        let mut pair = Pair::ready(oob_config(), FakeQemu::default(), chunking);
         let at = pair.now + Duration::from_secs(5);
         let id = pair.send(Command::new("slow").deadline(at));
         pair.drive();
@@ -41,7 +41,7 @@ fn a_request_past_its_deadline_times_out_once_and_its_late_response_is_dropped()
 
 #[test]
 fn poll_timeout_is_the_earliest_deadline() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let now = pair.now;
     let late = pair.send(Command::new("a").deadline(now + Duration::from_secs(9)));
     let soon = pair.send(Command::new("b").deadline(now + Duration::from_secs(2)));
@@ -78,7 +78,11 @@ fn poll_timeout_is_the_earliest_deadline() {
 
 #[test]
 fn a_queued_request_that_times_out_is_never_written() {
-    let config = Config::builder().max_in_flight(1).build().unwrap();
+    let config = Config::builder()
+        .enable_oob(true)
+        .max_in_flight(1)
+        .build()
+        .unwrap();
     let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
     let first = pair.execute("blocker");
     let queued = pair.send(Command::new("queued").deadline(pair.now + Duration::from_secs(1)));
@@ -99,7 +103,11 @@ fn a_queued_request_that_times_out_is_never_written() {
 
 #[test]
 fn a_timed_out_in_flight_request_keeps_its_window_slot_until_answered() {
-    let config = Config::builder().max_in_flight(1).build().unwrap();
+    let config = Config::builder()
+        .enable_oob(true)
+        .max_in_flight(1)
+        .build()
+        .unwrap();
     let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
     pair.send(Command::new("stuck").deadline(pair.now + Duration::from_secs(1)));
     let next = pair.execute("next");
@@ -122,7 +130,7 @@ fn a_timed_out_in_flight_request_keeps_its_window_slot_until_answered() {
 
 #[test]
 fn cancelling_a_queued_request_means_it_is_never_sent() {
-    let mut pair = Pair::new(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::new(oob_config(), FakeQemu::default(), Chunking::Whole);
     let a = pair.execute("a");
     let b = pair.execute("b");
     assert!(pair.client.cancel(a));
@@ -144,7 +152,7 @@ fn cancelling_a_queued_request_means_it_is_never_sent() {
 #[test]
 fn cancelling_a_written_request_drops_its_late_response_silently() {
     for chunking in CHUNKINGS {
-        let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+        let mut pair = Pair::ready(oob_config(), FakeQemu::default(), chunking);
         let a = pair.execute("a");
         pair.drive();
         assert!(pair.client.cancel(a));
@@ -165,7 +173,7 @@ fn cancelling_a_written_request_drops_its_late_response_silently() {
 
 #[test]
 fn cancelling_a_completed_request_returns_false() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let a = pair.execute("a");
     pair.drive();
     pair.server.reply_all();

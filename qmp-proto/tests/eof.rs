@@ -46,7 +46,11 @@ fn assert_closed_last(conn: &mut Connection, out: &[Output], reason: &CloseReaso
 fn eof_fails_every_pending_request_once_then_closes_last() {
     let out = same_under_every_chunking(|chunking| {
         // OOB on with a window of 2: some requests are written, some still queued.
-        let config = Config::builder().max_in_flight(2).build().unwrap();
+        let config = Config::builder()
+            .enable_oob(true)
+            .max_in_flight(2)
+            .build()
+            .unwrap();
         let mut pair = Pair::ready(config, FakeQemu::default(), chunking);
         let ids: Vec<_> = (0..6).map(|_| pair.execute("x")).collect();
         pair.drive();
@@ -87,7 +91,7 @@ fn eof_fails_every_pending_request_once_then_closes_last() {
 
 #[test]
 fn eof_with_nothing_pending_is_just_closed() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     pair.client.handle_eof();
     let out = drain(&mut pair.client);
     assert_eq!(out, [PEER_CLOSED]);
@@ -122,7 +126,11 @@ fn eof_in_the_middle_of_a_message_says_how_much_was_cut_off() {
         let reason = CloseReason::Protocol(ProtocolError::UnexpectedEof { buffered });
         let label = String::from_utf8_lossy(&tail[..tail.len().min(40)]).into_owned();
         let out = same_under_every_chunking(|chunking| {
-            let config = Config::builder().max_message_size(4096).build().unwrap();
+            let config = Config::builder()
+                .enable_oob(true)
+                .max_message_size(4096)
+                .build()
+                .unwrap();
             let mut pair = Pair::ready(config, FakeQemu::default(), chunking);
             let id = pair.execute("query-status");
             pair.drive();
@@ -169,7 +177,7 @@ fn eof_after_stray_bytes_or_whitespace_is_a_clean_close() {
         ),
     ] {
         let out = same_under_every_chunking(|chunking| {
-            let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+            let mut pair = Pair::ready(oob_config(), FakeQemu::default(), chunking);
             pair.server.send_raw(tail);
             let bytes = pair.server.take_output();
             let mut out = feed(&mut pair.client, &bytes, chunking);
@@ -192,7 +200,11 @@ fn eof_after_stray_bytes_or_whitespace_is_a_clean_close() {
 #[test]
 fn messages_received_before_eof_are_all_delivered_even_when_eof_arrives_while_paused() {
     for truncated in [false, true] {
-        let config = Config::builder().max_buffered_outputs(4).build().unwrap();
+        let config = Config::builder()
+            .enable_oob(true)
+            .max_buffered_outputs(4)
+            .build()
+            .unwrap();
         let out = same_under_every_chunking(|chunking| {
             let mut pair = Pair::ready(config.clone(), FakeQemu::default(), chunking);
             let a = pair.execute("a");
@@ -285,7 +297,7 @@ fn assert_inert(conn: &mut Connection, stale: RequestId, reason: &CloseReason, n
 #[test]
 fn after_eof_the_connection_is_inert() {
     for chunking in CHUNKINGS {
-        let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+        let mut pair = Pair::ready(oob_config(), FakeQemu::default(), chunking);
         let at = pair.now + Duration::from_secs(5);
         let id = pair.send(Command::new("slow").deadline(at));
         pair.drive();
@@ -299,7 +311,11 @@ fn after_eof_the_connection_is_inert() {
 #[test]
 fn a_local_close_fails_pending_requests_and_closes_with_local() {
     for chunking in CHUNKINGS {
-        let config = Config::builder().max_in_flight(1).build().unwrap();
+        let config = Config::builder()
+            .enable_oob(true)
+            .max_in_flight(1)
+            .build()
+            .unwrap();
         let mut pair = Pair::ready(config, FakeQemu::default(), chunking);
         let at = pair.now + Duration::from_secs(5);
         let written = pair.send(Command::new("a").deadline(at));
@@ -330,7 +346,11 @@ fn a_local_close_fails_pending_requests_and_closes_with_local() {
 
 #[test]
 fn a_local_close_while_paused_keeps_outputs_already_queued_before_closed() {
-    let config = Config::builder().max_buffered_outputs(2).build().unwrap();
+    let config = Config::builder()
+        .enable_oob(true)
+        .max_buffered_outputs(2)
+        .build()
+        .unwrap();
     let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
     let id = pair.execute("a");
     pair.drive();
@@ -353,7 +373,11 @@ fn a_local_close_while_paused_keeps_outputs_already_queued_before_closed() {
 fn a_timed_out_or_cancelled_request_gets_no_second_outcome_at_close() {
     for local in [false, true] {
         let out = same_under_every_chunking(|chunking| {
-            let config = Config::builder().max_in_flight(2).build().unwrap();
+            let config = Config::builder()
+                .enable_oob(true)
+                .max_in_flight(2)
+                .build()
+                .unwrap();
             let mut pair = Pair::ready(config, FakeQemu::default(), chunking);
             let soon = pair.now + Duration::from_secs(1);
             let timed_out = pair.send(Command::new("a").deadline(soon));
@@ -409,7 +433,7 @@ fn a_timed_out_or_cancelled_request_gets_no_second_outcome_at_close() {
 
 #[test]
 fn a_second_eof_or_close_adds_nothing() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let id = pair.execute("a");
     pair.client.handle_eof();
     pair.client.handle_eof();
@@ -417,7 +441,7 @@ fn a_second_eof_or_close_adds_nothing() {
     let out = drain(&mut pair.client);
     assert_eq!(out, [closed(id), PEER_CLOSED]);
 
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let id = pair.execute("a");
     pair.client.close();
     pair.client.close();
@@ -428,7 +452,11 @@ fn a_second_eof_or_close_adds_nothing() {
 
 #[test]
 fn a_request_sent_after_eof_but_before_the_close_is_polled_still_gets_one_outcome() {
-    let config = Config::builder().max_buffered_outputs(1).build().unwrap();
+    let config = Config::builder()
+        .enable_oob(true)
+        .max_buffered_outputs(1)
+        .build()
+        .unwrap();
     let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
     for _ in 0..3 {
         pair.server.event("E", json!({}));

@@ -10,7 +10,7 @@ use serde_json::json;
 #[test]
 fn negotiates_oob_when_offered_and_wanted() {
     for chunking in CHUNKINGS {
-        let mut pair = Pair::new(Config::default(), FakeQemu::default(), chunking);
+        let mut pair = Pair::new(oob_config(), FakeQemu::default(), chunking);
         pair.server.greet();
         pair.drive();
         assert!(
@@ -29,7 +29,7 @@ fn negotiates_without_oob_when_not_offered() {
         offer_oob: false,
         ..FakeQemu::default()
     };
-    let mut pair = Pair::new(Config::default(), server, Chunking::Whole);
+    let mut pair = Pair::new(oob_config(), server, Chunking::Whole);
     pair.server.greet();
     pair.drive();
     assert_eq!(pair.outputs[1], Output::Ready { oob: false });
@@ -51,11 +51,7 @@ fn negotiates_without_oob_when_config_says_so() {
 
 #[test]
 fn commands_sent_early_wait_for_the_handshake_and_keep_their_order() {
-    let mut pair = Pair::new(
-        Config::default(),
-        FakeQemu::default(),
-        Chunking::ByteAtATime,
-    );
+    let mut pair = Pair::new(oob_config(), FakeQemu::default(), Chunking::ByteAtATime);
     let a = pair.execute("query-version");
     let b = pair.execute("query-status");
     assert!(
@@ -118,7 +114,7 @@ fn refused_negotiation_closes_with_the_servers_error_and_fails_queued_commands()
         auto_negotiate: false,
         ..FakeQemu::default()
     };
-    let mut pair = Pair::new(Config::default(), server, Chunking::Whole);
+    let mut pair = Pair::new(oob_config(), server, Chunking::Whole);
     let id = pair.execute("query-status");
     pair.server.greet();
     pair.drive();
@@ -200,7 +196,7 @@ fn unknown_greeting_members_and_capabilities_are_tolerated() {
 
 #[test]
 fn a_second_greeting_is_reported_not_fatal() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     pair.server.greet();
     pair.drive();
     assert!(
@@ -245,7 +241,7 @@ fn pretty_crlf_greeting_and_replies_work() {
             pretty: true,
             ..FakeQemu::default()
         };
-        let mut pair = Pair::ready(Config::default(), server, chunking);
+        let mut pair = Pair::ready(oob_config(), server, chunking);
         let id = pair.execute("query-version");
         pair.drive();
         let cmd = pair.server.next_command().unwrap();

@@ -8,7 +8,7 @@ use serde_json::json;
 #[test]
 fn in_band_commands_are_held_to_the_window_and_oob_ones_overtake_them() {
     for chunking in CHUNKINGS {
-        let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+        let mut pair = Pair::ready(oob_config(), FakeQemu::default(), chunking);
         let in_band: Vec<_> = (0..12).map(|_| pair.execute("slow")).collect();
         pair.drive();
         assert_eq!(
@@ -56,7 +56,7 @@ fn in_band_commands_are_held_to_the_window_and_oob_ones_overtake_them() {
 
 #[test]
 fn oob_responses_out_of_order_are_matched_by_id() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Random(3));
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Random(3));
     let ids: Vec<_> = (0..5).map(|_| pair.send(Command::new("x").oob())).collect();
     pair.drive();
     let cmds: Vec<_> = pair.server.commands.drain(..).collect();
@@ -86,7 +86,11 @@ fn without_oob_there_is_no_window() {
 
 #[test]
 fn the_window_is_configurable() {
-    let config = Config::builder().max_in_flight(2).build().unwrap();
+    let config = Config::builder()
+        .enable_oob(true)
+        .max_in_flight(2)
+        .build()
+        .unwrap();
     let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
     for _ in 0..5 {
         pair.execute("x");
@@ -101,7 +105,7 @@ fn oob_after_the_handshake_without_oob_is_refused_at_once() {
         offer_oob: false,
         ..FakeQemu::default()
     };
-    let mut pair = Pair::ready(Config::default(), server, Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), server, Chunking::Whole);
     assert_eq!(
         pair.client.send(Command::new("x").oob()).unwrap_err(),
         SendError::OobNotEnabled
@@ -115,7 +119,7 @@ fn oob_sent_before_the_handshake_fails_if_oob_is_not_negotiated() {
         offer_oob: false,
         ..FakeQemu::default()
     };
-    let mut pair = Pair::new(Config::default(), server, Chunking::Whole);
+    let mut pair = Pair::new(oob_config(), server, Chunking::Whole);
     let oob = pair.send(Command::new("x").oob());
     let normal = pair.execute("y");
     pair.server.greet();
@@ -142,7 +146,7 @@ fn oob_sent_before_the_handshake_fails_if_oob_is_not_negotiated() {
 
 #[test]
 fn oob_sent_before_the_handshake_goes_first_once_negotiated() {
-    let mut pair = Pair::new(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::new(oob_config(), FakeQemu::default(), Chunking::Whole);
     pair.execute("in-band");
     pair.send(Command::new("urgent").oob());
     pair.server.greet();

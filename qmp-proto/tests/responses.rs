@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 #[test]
 fn success_and_error_responses_complete_their_requests() {
     for chunking in CHUNKINGS {
-        let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+        let mut pair = Pair::ready(oob_config(), FakeQemu::default(), chunking);
         let a = pair.execute("query-version");
         let b = pair.execute("no-such-command");
         pair.drive();
@@ -40,7 +40,7 @@ fn success_and_error_responses_complete_their_requests() {
 
 #[test]
 fn error_classes_are_an_open_set_and_unknown_members_are_tolerated() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let a = pair.execute("x");
     let b = pair.execute("y");
     pair.drive();
@@ -59,7 +59,7 @@ fn error_classes_are_an_open_set_and_unknown_members_are_tolerated() {
 
 #[test]
 fn ids_are_unique_increasing_and_written_as_numbers() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let ids: Vec<_> = (0..100).map(|_| pair.execute("query-version")).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(ids[0].get(), 1, "0 is the handshake's");
@@ -102,7 +102,7 @@ fn many_pipelined_commands_are_answered_in_any_order() {
 
 #[test]
 fn responses_with_unknown_duplicate_or_foreign_ids_are_unmatched() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let a = pair.execute("x");
     let _queued_not_sent_yet = 5u64; // ids not yet issued
     pair.drive();
@@ -138,7 +138,7 @@ fn responses_with_unknown_duplicate_or_foreign_ids_are_unmatched() {
 #[test]
 fn a_response_to_a_request_not_yet_written_is_not_taken() {
     // With OOB on, the 9th in-band command waits for a window slot; a "response" to it is a stray.
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let ids: Vec<_> = (0..9).map(|_| pair.execute("x")).collect();
     pair.drive();
     assert_eq!(pair.server.commands.len(), 8);
@@ -151,11 +151,7 @@ fn a_response_to_a_request_not_yet_written_is_not_taken() {
 
 #[test]
 fn return_values_of_every_json_type_are_kept() {
-    let mut pair = Pair::ready(
-        Config::default(),
-        FakeQemu::default(),
-        Chunking::ByteAtATime,
-    );
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::ByteAtATime);
     let values = [
         json!(null),
         json!(true),
@@ -186,7 +182,7 @@ fn typed_return_values_deserialize_straight_from_the_text() {
         status: String,
         running: bool,
     }
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     pair.execute("query-status");
     pair.drive();
     let cmd = pair.server.next_command().unwrap();
@@ -262,7 +258,7 @@ fn unit_or_none_arguments_mean_no_arguments() {
 
 #[test]
 fn arguments_and_raw_commands_go_out_as_given_with_our_id() {
-    let mut pair = Pair::ready(Config::default(), FakeQemu::default(), Chunking::Whole);
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     #[derive(serde::Serialize)]
     struct Add<'a> {
         driver: &'a str,

@@ -263,4 +263,9 @@ impl Runtime for TokioRuntime {
     fn sleep(&self, duration: Duration) -> BoxFuture {
         Box::pin(tokio::time::sleep(duration))
     }
+
+    fn yield_now(&self) -> BoxFuture {
+        // Deferred until the scheduler has run the other tasks (and a `block_on` future).
+        Box::pin(tokio::task::yield_now())
+    }
 }

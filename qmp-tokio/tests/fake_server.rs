@@ -17,6 +17,12 @@ async fn connect(server: &FakeServer) -> Client {
         .expect("connect")
 }
 
+/// Options with OOB negotiated (it is opt-in), which also holds in-band commands to QEMU's queue
+/// depth of 8.
+fn oob() -> Options {
+    small(Config::builder().enable_oob(true))
+}
+
 fn small(config: qmp_tokio::qmp_proto::ConfigBuilder) -> Options {
     Options::new().config(config.build().unwrap())
 }
@@ -88,7 +94,8 @@ async fn oob_replies_overtake_and_are_matched_by_id() {
         c.reply(&a.command, json!("a"));
         c.serve_forever();
     });
-    let client = connect(&server).await;
+    let client = qmp_tokio::connect(server.path(), oob()).await.unwrap();
+    assert!(client.oob_enabled());
     let (a, b) = (client.execute("slow-a", ()), client.execute("slow-b", ()));
     let oob = async {
         // Sent after the two in-band commands.
@@ -309,7 +316,8 @@ async fn a_dropped_call_never_corrupts_the_connection() {
         tx.send(names).unwrap();
         c.serve_forever();
     });
-    let client = connect(&server).await;
+    // With OOB on, at most 8 in-band commands are in flight: the 9th waits in the client.
+    let client = qmp_tokio::connect(server.path(), oob()).await.unwrap();
     let mut holders = Vec::new();
     for _ in 0..8 {
         let c = client.clone();

@@ -176,7 +176,13 @@ async fn schema_introspection_and_command_lookup() {
 #[tokio::test]
 async fn a_pretty_monitor_works_the_same() {
     let qsd = Qsd::start_pretty();
-    let client = connect(&qsd).await;
+    let config = qmp_tokio::Config::builder()
+        .enable_oob(true)
+        .build()
+        .unwrap();
+    let client = qmp_tokio::connect(qsd.socket(), Options::new().config(config))
+        .await
+        .unwrap();
     assert!(client.oob_enabled());
     assert!(
         client.execute("query-version", ()).await.unwrap()["qemu"]["major"]

@@ -390,3 +390,8 @@ pub fn feed_paced(conn: &mut Connection, bytes: &[u8], chunking: Chunking) -> Ve
     }
     outputs
 }
+
+/// The default configuration with OOB negotiated (it is opt-in).
+pub fn oob_config() -> Config {
+    Config::builder().enable_oob(true).build().expect("valid")
+}

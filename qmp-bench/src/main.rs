@@ -1,0 +1,196 @@
+//! A qmp-rs client for the comparison harness in `../shared/bench` (see its README):
+//!
+//! ```text
+//! qmp-bench [--adapter tokio] --socket PATH [--oob | --no-oob] WORKLOAD N [ARG]
+//! ```
+//!
+//! Workloads: `roundtrip N`, `pipeline N W`, `events N S`, `big N S`. Prints one JSON line with
+//! `ops` and `seconds` (the workload only, after connect and negotiation); exits 2 for an
+//! unsupported workload.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use qmp_tokio::{Client, Config, EventFilter, Options};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// What the harness asked for.
+struct Args {
+    adapter: String,
+    socket: String,
+    oob: Option<bool>,
+    workload: String,
+    n: u64,
+    arg: u64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let (mut adapter, mut socket, mut oob, mut rest) = ("tokio".to_owned(), None, None, Vec::new());
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--adapter" => adapter = args.next().ok_or("--adapter needs a value")?,
+            "--socket" => socket = args.next(),
+            "--oob" => oob = Some(true),
+            "--no-oob" => oob = Some(false),
+            _ => rest.push(a),
+        }
+    }
+    let num = |i: usize, what: &str| -> Result<u64, String> {
+        rest.get(i)
+            .ok_or(format!("missing {what}"))?
+            .parse()
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    Ok(Args {
+        adapter,
+        socket: socket.ok_or("--socket PATH is required")?,
+        oob,
+        workload: rest.first().cloned().ok_or("missing WORKLOAD")?,
+        n: num(1, "N")?,
+        arg: if rest.len() > 2 { num(2, "ARG")? } else { 0 },
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("qmp-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !["roundtrip", "pipeline", "events", "big"].contains(&args.workload.as_str()) {
+        eprintln!("qmp-bench: unsupported workload {}", args.workload);
+        return ExitCode::from(2);
+    }
+    let result = match args.adapter.as_str() {
+        "tokio" => tokio_main(&args),
+        other => Err(format!("unknown adapter {other}")),
+    };
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qmp-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The typed `query-version` reply, as a typed client would decode it.
+#[derive(Deserialize)]
+#[allow(dead_code)] // decoded, not read
+struct VersionInfo {
+    qemu: VersionTriple,
+    package: String,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct VersionTriple {
+    major: u64,
+    minor: u64,
+    micro: u64,
+}
+
+fn report(args: &Args, client_name: &str, oob: bool, server: &str, seconds: f64) -> String {
+    json!({
+        "client": client_name, "workload": args.workload, "ops": args.n, "seconds": seconds,
+        "oob": oob, "server": server,
+    })
+    .to_string()
+}
+
+fn options(args: &Args) -> Options {
+    // Neither --oob nor --no-oob: the library's default (OOB off).
+    let mut config = Config::builder().max_message_size(1 << 30);
+    if let Some(oob) = args.oob {
+        config = config.enable_oob(oob);
+    }
+    Options::new()
+        .config(config.build().expect("valid config"))
+        .connect_timeout(Duration::from_secs(30))
+}
+
+fn tokio_main(args: &Args) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = qmp_tokio::connect(args.socket.as_str(), options(args))
+            .await
+            .map_err(|e| e.to_string())?;
+        if args.oob == Some(true) && !client.oob_enabled() {
+            return Err("the server did not offer oob".to_owned());
+        }
+        let seconds = tokio_workload(&client, args)
+            .await
+            .map_err(|e| e.to_string())?;
+        let server = client.greeting().version.package.clone();
+        let out = report(args, "qmp-rs-tokio", client.oob_enabled(), &server, seconds);
+        client.disconnect().await;
+        Ok(out)
+    })
+}
+
+async fn tokio_workload(client: &Client, args: &Args) -> Result<f64, qmp_tokio::Error> {
+    let n = args.n;
+    let start = Instant::now();
+    match args.workload.as_str() {
+        "roundtrip" => {
+            for _ in 0..n {
+                let _: VersionInfo = client.execute_as("query-version", ()).await?;
+            }
+        }
+        "pipeline" => {
+            let mut calls = futures_util::stream::iter(0..n)
+                .map(|_| client.execute_as::<VersionInfo>("query-version", ()))
+                .buffer_unordered(args.arg.max(1) as usize);
+            while let Some(r) = calls.next().await {
+                r?;
+            }
+        }
+        "events" => {
+            let mut events = client.subscribe(EventFilter::all());
+            let start = Instant::now();
+            let flood = client.execute("x-flood", json!({"count": n, "size": args.arg}));
+            let consume = async {
+                let mut got = 0;
+                while got < n {
+                    match events.next().await {
+                        Some(Ok(event)) => {
+                            // Decoded: name and timestamp parsed, data validated JSON.
+                            std::hint::black_box(&event.name);
+                            got += 1;
+                        }
+                        Some(Err(lagged)) => {
+                            return Err(qmp_tokio::Error::Lagged {
+                                missed: lagged.missed,
+                            });
+                        }
+                        None => return Err(qmp_tokio::Error::Timeout),
+                    }
+                }
+                Ok(())
+            };
+            let (reply, consumed) = tokio::join!(flood, consume);
+            reply?;
+            consumed?;
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        "big" => {
+            for _ in 0..n {
+                let value: Value = client.execute("x-big", json!({"size": args.arg})).await?;
+                std::hint::black_box(value);
+            }
+        }
+        _ => unreachable!("checked in main"),
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
