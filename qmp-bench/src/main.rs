@@ -40,7 +40,7 @@ fn parse_args() -> Result<Args, String> {
     }
     let num = |i: usize, what: &str| -> Result<u64, String> {
         rest.get(i)
-            .ok_or(format!("missing {what}"))?
+            .ok_or_else(|| format!("missing {what}"))?
             .parse()
             .map_err(|e| format!("{what}: {e}"))
     };

@@ -195,7 +195,7 @@ async fn oversized_and_overdeep_replies_fail_their_call_and_the_connection_carri
         c.reply(&deep.command, v);
         let utf8 = c.expect("bad-utf8");
         let id = utf8.command["id"].clone();
-        c.send_raw(format!("{{\"return\": \"\u{1}",).as_bytes());
+        c.send_raw("{\"return\": \"\u{1}".as_bytes());
         c.send_raw(b"\xc3\x28\"");
         c.send_raw(format!(", \"id\": {id}}}\r\n").as_bytes());
         c.serve_forever();
@@ -463,7 +463,7 @@ async fn refused_negotiation_and_bad_greetings_are_protocol_errors() {
 async fn wrap_any_stream_and_raw_commands() {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     std::thread::spawn(move || {
-        let mut c = qmp_testkit::ServerConn::from_stream(theirs);
+        let mut c = ServerConn::from_stream(theirs);
         c.pretty = true;
         c.handshake();
         let raw = c.expect("query-status");
