@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -142,7 +142,6 @@ pub(crate) struct Shared {
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) oob: AtomicBool,
     can_pass_fds: bool,
-    next_token: AtomicU64,
     event_buffer: usize,
     closed: Mutex<(Option<Disconnect>, Vec<Waker>)>,
     commands: Mutex<Option<Arc<BTreeSet<String>>>>,
@@ -229,7 +228,6 @@ impl Client {
             runtime: Arc::clone(&runtime),
             oob: AtomicBool::new(false),
             can_pass_fds: io.can_pass_fds(),
-            next_token: AtomicU64::new(0),
             event_buffer: options.event_buffer,
             closed: Mutex::new((None, Vec::new())),
             commands: Mutex::new(None),
@@ -369,24 +367,15 @@ impl Client {
         if let Some(timeout) = self.timeout {
             cmd = cmd.deadline(Instant::now() + timeout);
         }
+        // Dropping this future drops `response`; the driver notices (`is_canceled`) and forgets
+        // the request: never written if it was still queued, its response discarded otherwise.
         let (reply, response) = oneshot::channel();
-        let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
         self.tx
-            .unbounded_send(Request::Execute {
-                cmd,
-                fds,
-                token,
-                reply,
-            })
+            .unbounded_send(Request::Execute { cmd, fds, reply })
             .map_err(|_| Error::Disconnected(self.shared.disconnect_reason()))?;
-        // If this future is dropped before the response, tell the driver to forget the request.
-        let guard = CancelOnDrop {
-            tx: &self.tx,
-            token: Some(token),
-        };
-        let result = response.await;
-        guard.disarm();
-        result.unwrap_or_else(|_| Err(Error::Disconnected(self.shared.disconnect_reason())))
+        response
+            .await
+            .unwrap_or_else(|_| Err(Error::Disconnected(self.shared.disconnect_reason())))
     }
 
     // --- Events --------------------------------------------------------------------------------
@@ -509,26 +498,6 @@ impl Client {
         let (done, wait) = oneshot::channel();
         if self.tx.unbounded_send(Request::Close { done }).is_ok() {
             let _ = wait.await;
-        }
-    }
-}
-
-/// Sends a cancellation for `token` when dropped, unless disarmed.
-struct CancelOnDrop<'a> {
-    tx: &'a mpsc::UnboundedSender<Request>,
-    token: Option<u64>,
-}
-
-impl CancelOnDrop<'_> {
-    fn disarm(mut self) {
-        self.token = None;
-    }
-}
-
-impl Drop for CancelOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(token) = self.token {
-            let _ = self.tx.unbounded_send(Request::Cancel { token });
         }
     }
 }

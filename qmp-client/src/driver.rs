@@ -53,24 +53,38 @@ pub trait Timer: Send + 'static {
 
 /// What a client handle asks of the driver.
 pub(crate) enum Request {
+    /// A caller that gives up drops its end of `reply`; see `Driver::reap_cancelled`.
     Execute {
         cmd: Command,
         fds: Vec<OwnedFd>,
-        token: u64,
         reply: Reply,
     },
-    /// The caller gave up (its future was dropped).
-    Cancel { token: u64 },
     /// Close once what is already queued is written.
     Close { done: oneshot::Sender<()> },
 }
 
 pub(crate) type Reply = oneshot::Sender<Result<RawJson, Error>>;
 
-struct Waiter {
-    token: u64,
-    reply: Reply,
+/// Request ids are sequential, so a multiplicative hash spreads them well at a fraction of
+/// SipHash's cost (these maps are on every command's path).
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
+
+type IdMap<V> = HashMap<RequestId, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// Steps per wake-up before yielding to other tasks, so a flood of input cannot starve them.
 const BUDGET: usize = 64;
@@ -84,9 +98,8 @@ pub(crate) struct Driver<T, S> {
     timer: S,
     rx: mpsc::UnboundedReceiver<Request>,
     shared: Arc<Shared>,
-    waiters: HashMap<RequestId, Waiter>,
-    tokens: HashMap<u64, RequestId>,
-    fds: HashMap<RequestId, Vec<OwnedFd>>,
+    waiters: IdMap<Reply>,
+    fds: IdMap<Vec<OwnedFd>>,
     buf: Box<[u8]>,
     ready: Option<oneshot::Sender<Result<Greeting, Error>>>,
     io_error: Option<Arc<io::Error>>,
@@ -114,9 +127,8 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             timer,
             rx,
             shared,
-            waiters: HashMap::new(),
-            tokens: HashMap::new(),
-            fds: HashMap::new(),
+            waiters: IdMap::default(),
+            fds: IdMap::default(),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
             ready: Some(ready),
             io_error: None,
@@ -198,17 +210,14 @@ impl<T: Transport, S: Timer> Driver<T, S> {
 
     fn handle(&mut self, request: Request) {
         match request {
-            Request::Execute {
-                cmd,
-                fds,
-                token,
-                reply,
-            } => {
+            Request::Execute { cmd, fds, reply } => {
+                if reply.is_canceled() {
+                    return;
+                }
                 let cmd = if fds.is_empty() { cmd } else { cmd.with_fds() };
                 match self.conn.send(cmd) {
                     Ok(id) => {
-                        self.waiters.insert(id, Waiter { token, reply });
-                        self.tokens.insert(token, id);
+                        self.waiters.insert(id, reply);
                         if !fds.is_empty() {
                             self.fds.insert(id, fds);
                         }
@@ -219,12 +228,6 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                     Err(e) => {
                         let _ = reply.send(Err(Error::Send(e)));
                     }
-                }
-            }
-            Request::Cancel { token } => {
-                if let Some(id) = self.tokens.remove(&token) {
-                    self.waiters.remove(&id);
-                    self.conn.cancel(id);
                 }
             }
             Request::Close { done } => {
@@ -277,10 +280,30 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         progress
     }
 
+    /// Forgets requests whose caller gave up (dropped its future). Only queued requests need it
+    /// (so they are never written); it runs before anything that could write them: input (a
+    /// response frees a window slot) and timeouts. A written request's late response is
+    /// discarded anyway, when its reply channel turns out closed.
+    fn reap_cancelled(&mut self) {
+        if self.conn.queued() == 0 {
+            return;
+        }
+        let conn = &mut self.conn;
+        self.waiters.retain(|&id, reply| {
+            if reply.is_canceled() {
+                conn.cancel(id);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.conn.wants_read() {
             return false;
         }
+        self.reap_cancelled();
         match self.io.poll_read(cx, &mut self.buf) {
             Poll::Ready(Ok(0)) => {
                 tracing::debug!("end of stream");
@@ -305,6 +328,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         if self.timer.poll_at(cx, at).is_pending() {
             return false;
         }
+        self.reap_cancelled();
         // The timer fired for `at`, so `at` has passed whatever the two clocks' rounding.
         self.conn.handle_timeout(Instant::now().max(at));
         true
@@ -340,12 +364,11 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                     }
                 }
                 Output::Response { id, result } => {
-                    let Some(waiter) = self.waiters.remove(&id) else {
+                    let Some(reply) = self.waiters.remove(&id) else {
                         continue;
                     };
-                    self.tokens.remove(&waiter.token);
                     let result = result.map_err(|e| Error::from_command(e, || self.reason()));
-                    let _ = waiter.reply.send(result);
+                    let _ = reply.send(result);
                 }
                 Output::Event(event) => {
                     tracing::trace!(name = %event.name, "event");
@@ -383,8 +406,8 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 let _ = reply.send(Err(Error::Disconnected(reason.clone())));
             }
         }
-        for (_, waiter) in self.waiters.drain() {
-            let _ = waiter.reply.send(Err(Error::Disconnected(reason.clone())));
+        for (_, reply) in self.waiters.drain() {
+            let _ = reply.send(Err(Error::Disconnected(reason.clone())));
         }
         self.fds.clear();
         self.shared.set_closed(reason);

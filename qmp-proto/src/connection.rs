@@ -147,6 +147,8 @@ struct Session {
     deadlines: BTreeSet<(Instant, u64)>,
     /// In-band requests written and unanswered (abandoned ones included: they hold QEMU's queue).
     in_band_in_flight: usize,
+    /// Entries of `pending` that are abandoned.
+    abandoned: usize,
     transmit: TransmitBuf,
     outputs: VecDeque<Output>,
     /// Processing stopped because `outputs` was full.
@@ -212,6 +214,7 @@ impl Connection {
                 queue: VecDeque::new(),
                 deadlines: BTreeSet::new(),
                 in_band_in_flight: 0,
+                abandoned: 0,
                 transmit: TransmitBuf::default(),
                 outputs: VecDeque::new(),
                 paused: false,
@@ -247,20 +250,17 @@ impl Connection {
 
     /// Requests awaiting an outcome: queued or in flight (not abandoned ones).
     pub fn pending(&self) -> usize {
-        self.session
-            .pending
-            .values()
-            .filter(|e| !matches!(e.stage, Stage::Abandoned))
-            .count()
+        self.session.pending.len() - self.session.abandoned
+    }
+
+    /// Requests waiting to be written (before the handshake, or for a window slot).
+    pub fn queued(&self) -> usize {
+        self.session.queue.len()
     }
 
     /// Requests written and unanswered, abandoned ones included.
     pub fn in_flight(&self) -> usize {
-        self.session
-            .pending
-            .values()
-            .filter(|e| !matches!(e.stage, Stage::Queued { .. }))
-            .count()
+        self.session.pending.len() - self.session.queue.len()
     }
 
     /// Whether the connection wants more input: false once closed or at EOF, and while
@@ -584,6 +584,7 @@ impl Session {
             self.in_band_in_flight -= 1;
         }
         if matches!(e.stage, Stage::Abandoned) {
+            self.abandoned -= 1;
             self.stats.late += 1;
         } else {
             if e.enables_oob && result.is_ok() {
@@ -622,38 +623,65 @@ impl Session {
         }
         let id = self.next_id;
         let next_id = id.checked_add(1).ok_or(SendError::IdsExhausted)?;
-        let mut bytes = Vec::with_capacity(cmd.wire_capacity());
-        cmd.write_wire(id, &mut bytes);
+        let oob = cmd.is_oob();
+        // Straight to the transmit buffer when nothing has to wait: saves a copy per command.
+        let write_now = self.state == State::Ready
+            && (oob || (self.queue.is_empty() && self.in_band_in_flight < self.window()));
         let limit = self.config.max_command_size;
-        if bytes.len() > limit {
-            // The id is not used up: ids stay dense for the commands actually sent.
-            return Err(SendError::TooLarge {
-                size: bytes.len(),
-                limit,
-            });
-        }
+        let stage = if write_now {
+            let out = self.transmit.buf();
+            let start = out.len();
+            cmd.write_wire(id, out);
+            let size = out.len() - start;
+            if size > limit {
+                out.truncate(start);
+                // The id is not used up: ids stay dense for the commands actually sent.
+                return Err(SendError::TooLarge { size, limit });
+            }
+            if cmd.has_fds() {
+                self.transmit.mark_fds_at(start, RequestId(id));
+            }
+            if !oob {
+                self.in_band_in_flight += 1;
+            }
+            Stage::InFlight
+        } else {
+            let mut bytes = Vec::with_capacity(cmd.wire_capacity());
+            cmd.write_wire(id, &mut bytes);
+            if bytes.len() > limit {
+                return Err(SendError::TooLarge {
+                    size: bytes.len(),
+                    limit,
+                });
+            }
+            self.queue.push_back(id);
+            Stage::Queued {
+                bytes,
+                fds: cmd.has_fds(),
+            }
+        };
         self.next_id = next_id;
         let deadline = cmd.deadline_at();
         if let Some(at) = deadline {
             self.deadlines.insert((at, id));
         }
         let entry = Entry {
-            oob: cmd.is_oob(),
+            oob,
             deadline,
             enables_oob: cmd.enables_oob(),
-            stage: Stage::Queued {
-                bytes,
-                fds: cmd.has_fds(),
-            },
+            stage,
         };
         self.pending.insert(id, entry);
-        if self.state == State::Ready && cmd.is_oob() {
-            self.write(id);
-        } else {
-            self.queue.push_back(id);
-            self.pump();
-        }
         Ok(RequestId(id))
+    }
+
+    /// How many in-band requests may be in flight: QEMU's queue depth with OOB, else no limit.
+    fn window(&self) -> usize {
+        if self.oob {
+            self.config.max_in_flight
+        } else {
+            usize::MAX
+        }
     }
 
     /// Writes queued in-band requests while the window allows.
@@ -661,12 +689,7 @@ impl Session {
         if self.state != State::Ready {
             return;
         }
-        let window = if self.oob {
-            self.config.max_in_flight
-        } else {
-            usize::MAX
-        };
-        while self.in_band_in_flight < window {
+        while self.in_band_in_flight < self.window() {
             let Some(id) = self.queue.pop_front() else {
                 return;
             };
@@ -718,7 +741,10 @@ impl Session {
                 self.pending.remove(&id);
                 self.queue.retain(|&q| q != id);
             }
-            Stage::InFlight => e.stage = Stage::Abandoned,
+            Stage::InFlight => {
+                e.stage = Stage::Abandoned;
+                self.abandoned += 1;
+            }
             Stage::Abandoned => return false,
         }
         true
@@ -761,6 +787,7 @@ impl Session {
         self.deadlines.clear();
         self.transmit.clear();
         self.in_band_in_flight = 0;
+        self.abandoned = 0;
         self.paused = false;
         self.close_reason = Some(reason.clone());
         self.output(Output::Closed(reason));

@@ -38,6 +38,11 @@ impl TransmitBuf {
         self.marks.push_back((self.buf.len(), id));
     }
 
+    /// Marks bytes already appended at `offset` (the end of the buffer before they were).
+    pub(crate) fn mark_fds_at(&mut self, offset: usize, id: RequestId) {
+        self.marks.push_back((offset, id));
+    }
+
     pub(crate) fn pending(&self) -> usize {
         self.buf.len() - self.pos
     }
