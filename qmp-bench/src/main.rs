@@ -24,13 +24,18 @@ struct Args {
     workload: String,
     n: u64,
     arg: u64,
+    /// Decode `big` replies into typed structs (as a client with QAPI types would) instead of a
+    /// `serde_json::Value`.
+    typed: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut adapter, mut socket, mut oob, mut rest) = ("tokio".to_owned(), None, None, Vec::new());
+    let mut typed = false;
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--typed" => typed = true,
             "--adapter" => adapter = args.next().ok_or("--adapter needs a value")?,
             "--socket" => socket = args.next(),
             "--oob" => oob = Some(true),
@@ -51,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
         workload: rest.first().cloned().ok_or("missing WORKLOAD")?,
         n: num(1, "N")?,
         arg: if rest.len() > 2 { num(2, "ARG")? } else { 0 },
+        typed,
     })
 }
 
@@ -98,6 +104,62 @@ struct VersionTriple {
     micro: u64,
 }
 
+/// `query-named-block-nodes` entries (QAPI `BlockDeviceInfo`), as far as floodsrv's `x-big`
+/// renders them: every member decoded.
+#[derive(Deserialize)]
+#[allow(dead_code)] // decoded, not read
+struct BlockDeviceInfo {
+    iops_rd: u64,
+    detect_zeroes: String,
+    image: ImageInfo,
+    iops_wr: u64,
+    ro: bool,
+    #[serde(rename = "node-name")]
+    node_name: String,
+    backing_file_depth: u64,
+    drv: String,
+    iops: u64,
+    bps_wr: u64,
+    write_threshold: u64,
+    encrypted: bool,
+    bps: u64,
+    bps_rd: u64,
+    cache: CacheInfo,
+    file: String,
+    #[serde(rename = "dirty-bitmaps")]
+    dirty_bitmaps: Vec<BitmapInfo>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct ImageInfo {
+    virtual_size: u64,
+    filename: String,
+    format: String,
+    actual_size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct CacheInfo {
+    no_flush: bool,
+    direct: bool,
+    writeback: bool,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct BitmapInfo {
+    name: String,
+    recording: bool,
+    persistent: bool,
+    busy: bool,
+    granularity: u64,
+    count: u64,
+}
+
 fn report(args: &Args, client_name: &str, oob: bool, server: &str, seconds: f64) -> String {
     json!({
         "client": client_name, "workload": args.workload, "ops": args.n, "seconds": seconds,
@@ -133,7 +195,12 @@ fn tokio_main(args: &Args) -> Result<String, String> {
             .await
             .map_err(|e| e.to_string())?;
         let server = client.greeting().version.package.clone();
-        let out = report(args, "qmp-rs-tokio", client.oob_enabled(), &server, seconds);
+        let name = if args.typed {
+            "qmp-rs-tokio-typed"
+        } else {
+            "qmp-rs-tokio"
+        };
+        let out = report(args, name, client.oob_enabled(), &server, seconds);
         client.disconnect().await;
         Ok(out)
     })
@@ -183,6 +250,14 @@ async fn tokio_workload(client: &Client, args: &Args) -> Result<f64, qmp_tokio::
             reply?;
             consumed?;
             return Ok(start.elapsed().as_secs_f64());
+        }
+        "big" if args.typed => {
+            for _ in 0..n {
+                let nodes: Vec<BlockDeviceInfo> = client
+                    .execute_as("x-big", json!({"size": args.arg}))
+                    .await?;
+                std::hint::black_box(nodes);
+            }
         }
         "big" => {
             for _ in 0..n {

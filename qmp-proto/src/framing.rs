@@ -67,8 +67,10 @@ impl fmt::Display for FrameError {
     }
 }
 
-/// Buffer capacity above which a mostly empty buffer is shrunk.
+/// Buffer capacity above which a mostly empty buffer is shrunk...
 const SHRINK_ABOVE: usize = 1 << 20;
+/// ... once this many pushes in a row needed less than a quarter of it.
+const SHRINK_AFTER: u32 = 64;
 
 /// How many bytes of a junk run [`FrameError::UnexpectedBytes`] keeps for diagnostics.
 pub const JUNK_HEAD: usize = 32;
@@ -131,6 +133,8 @@ pub struct JsonSplitter {
     junk_len: usize,
     junk_head: Vec<u8>,
     eof: bool,
+    /// Pushes in a row that used little of a large buffer.
+    small_pushes: u32,
     max_size: usize,
     max_depth: usize,
 }
@@ -167,6 +171,7 @@ impl JsonSplitter {
             junk_len: 0,
             junk_head: Vec::new(),
             eof: false,
+            small_pushes: 0,
             max_size: max_size.max(2),
             max_depth: max_depth.max(1),
         }
@@ -187,9 +192,16 @@ impl JsonSplitter {
         }
         // Give back the memory of a past large message once the buffer is mostly empty, so one
         // 48 MB reply does not pin 48 MB for the life of the connection.
+        // Not at once, though: a client fetching large replies one after another would pay to
+        // grow the buffer (and fault its pages in) again for each.
         let needed = self.buf.len() + bytes.len();
         if self.buf.capacity() > SHRINK_ABOVE && needed < self.buf.capacity() / 4 {
-            self.buf.shrink_to(needed.max(SHRINK_ABOVE / 16));
+            self.small_pushes += 1;
+            if self.small_pushes >= SHRINK_AFTER {
+                self.buf.shrink_to(needed.max(SHRINK_ABOVE / 16));
+            }
+        } else {
+            self.small_pushes = 0;
         }
         self.buf.extend_from_slice(bytes);
     }

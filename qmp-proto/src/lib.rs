@@ -91,8 +91,3 @@ pub use error::{
 };
 pub use message::{Event, Greeting, QmpError, RawJson, Timestamp, Unmatched, Version};
 pub use transmit::Transmit;
-
-/// The README's example, compiled and run as a doctest so it cannot rot.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;

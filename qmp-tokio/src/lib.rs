@@ -255,6 +255,11 @@ impl Timer for TokioTimer {
 
 struct TokioRuntime(tokio::runtime::Handle);
 
+/// The README's examples, compiled (and the IO-free one run) as doctests so they cannot rot.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 impl Runtime for TokioRuntime {
     fn spawn(&self, future: BoxFuture) {
         drop(self.0.spawn(future));
