@@ -23,7 +23,7 @@ fn oob() -> Options {
     small(Config::builder().enable_oob(true))
 }
 
-fn small(config: qmp_tokio::qmp_proto::ConfigBuilder) -> Options {
+fn small(config: qmp_proto::ConfigBuilder) -> Options {
     Options::new().config(config.build().unwrap())
 }
 
