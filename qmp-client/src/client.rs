@@ -58,7 +58,7 @@ pub trait Runtime: Send + Sync + 'static {
 ///     .event_buffer(4096);
 /// # let _ = options;
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct Options {
     pub(crate) config: Config,
@@ -66,6 +66,20 @@ pub struct Options {
     pub(crate) timeout: Option<Duration>,
     pub(crate) event_buffer: usize,
     pub(crate) name: Option<String>,
+    pub(crate) spawner: Option<Arc<dyn Fn(BoxFuture) + Send + Sync>>,
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("config", &self.config)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("timeout", &self.timeout)
+            .field("event_buffer", &self.event_buffer)
+            .field("name", &self.name)
+            .field("spawner", &self.spawner.is_some())
+            .finish()
+    }
 }
 
 impl Default for Options {
@@ -76,6 +90,7 @@ impl Default for Options {
             timeout: None,
             event_buffer: 1024,
             name: None,
+            spawner: None,
         }
     }
 }
@@ -117,6 +132,14 @@ impl Options {
     /// A name for the connection's `tracing` span (for example the VM's name).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Runs the connection's task with `spawn` instead of the adapter's default (tokio: the
+    /// current runtime; async-std/smol: a thread of its own). With smol, for example, pass
+    /// `move |task| executor.spawn(task).detach()` to keep everything on your executor.
+    pub fn spawner(mut self, spawn: impl Fn(BoxFuture) + Send + Sync + 'static) -> Self {
+        self.spawner = Some(Arc::new(spawn));
         self
     }
 
@@ -238,7 +261,11 @@ impl Client {
         };
         let conn = Connection::new(options.config.clone());
         let driver = Driver::new(conn, io, timer, rx, Arc::clone(&shared), ready_tx);
-        runtime.spawn(Box::pin(driver.run().instrument(span)));
+        let task: BoxFuture = Box::pin(driver.run().instrument(span));
+        match &options.spawner {
+            Some(spawn) => spawn(task),
+            None => runtime.spawn(task),
+        }
         // Dropping `tx` on timeout or error ends the driver and closes the socket.
         match race(ready_rx, runtime.sleep(options.connect_timeout)).await {
             None => Err(Error::Timeout),

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod scenarios;
+
 use std::collections::VecDeque;
 use std::io::{self, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;

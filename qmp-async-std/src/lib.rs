@@ -1,0 +1,297 @@
+//! A QEMU Machine Protocol (QMP) client for [async-std] and [smol] users, built on the
+//! runtime-neutral `futures-io` traits and the smol family of crates (`async-io`,
+//! `futures-lite`).
+//!
+//! [async-std]: https://docs.rs/async-std
+//! [smol]: https://docs.rs/smol
+//!
+//! async-std is discontinued upstream (RUSTSEC-2025-0052) in favour of smol, so this crate does not
+//! depend on it: it runs under async-std, smol, or any executor, because its sockets and timers
+//! come from `async-io`, which brings its own reactor. async-std appears only among the
+//! dev-dependencies, to test that its users are served.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use qmp_async_std::{EventFilter, Options};
+//!
+//! # fn main() -> Result<(), qmp_async_std::Error> {
+//! smol::block_on(async {
+//!     let client = qmp_async_std::connect("/run/qemu/vm1.qmp", Options::new()).await?;
+//!     println!("QEMU {}", client.greeting().version);
+//!     let status = client.execute("query-status", ()).await?;
+//!     println!("{}", status["status"]);
+//!     let shutdown = client.wait_for(EventFilter::name("SHUTDOWN"), Duration::from_secs(60)).await;
+//!     println!("{shutdown:?}");
+//!     Ok(())
+//! })
+//! # }
+//! ```
+//!
+//! The API is the one of `qmp-tokio` — [`Client`], [`Options`], [`EventFilter`], [`Error`] come
+//! from `qmp-client` — so switching runtime is a change of dependency and import. This crate adds
+//! [`connect`], [`Listener`] (QEMU connecting to us), [`wrap`] and [`wrap_unix`].
+//!
+//! By default each connection's task runs on a thread of its own (so it never depends on which
+//! executor you use, nor blocks it). To keep it on your executor instead, give a spawner:
+//! `Options::new().spawner(|task| smol::spawn(task).detach())`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+use std::io;
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use async_io::{Async, Timer as AsyncTimer};
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
+use qmp_client::{BoxFuture, Runtime, Timer, Transport, send_with_fds};
+
+pub use qmp_client::{
+    AddFdInfo, Address, ArgumentsError, Client, Command, CommandError, Config, Disconnect, Error,
+    Event, EventFilter, EventItem, Greeting, Lagged, Options, ProtocolError, QmpError, RawJson,
+    SendError, State, Subscription, Timestamp, Version, qmp_proto,
+};
+
+/// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),
+/// and completes the handshake, all within [`Options::connect_timeout`].
+pub async fn connect(address: impl Into<Address>, options: Options) -> Result<Client, Error> {
+    let address = address.into();
+    let deadline = options.connect_timeout_value();
+    let started = Instant::now();
+    let connecting = async {
+        match &address {
+            Address::Unix(path) => Async::<UnixStream>::connect(path).await.map(Stream::Unix),
+            Address::Tcp(hostport) => {
+                let addr = resolve(hostport)?;
+                let s = Async::<TcpStream>::connect(addr).await?;
+                s.get_ref().set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            other => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{other}"),
+            )),
+        }
+    };
+    let timeout = async {
+        AsyncTimer::after(deadline).await;
+        Err(io::Error::from(io::ErrorKind::TimedOut))
+    };
+    let stream = match connecting.or(timeout).await {
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Error::Timeout),
+        other => other?,
+    };
+    let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
+    start(stream, options).await
+}
+
+fn resolve(hostport: &str) -> io::Result<std::net::SocketAddr> {
+    // Resolution is blocking but brief (usually a literal address); a connect is rare.
+    hostport.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no address for {hostport}"),
+        )
+    })
+}
+
+/// Runs a client over a connected unix socket (one of a `socketpair`, or inherited). File
+/// descriptors can be passed.
+pub async fn wrap_unix(stream: UnixStream, options: Options) -> Result<Client, Error> {
+    start(Stream::Unix(Async::new(stream)?), options).await
+}
+
+/// Runs a client over any `futures-io` byte stream: TLS, a pipe, an in-memory duplex. File
+/// descriptors cannot be passed over it.
+pub async fn wrap<S>(stream: S, options: Options) -> Result<Client, Error>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    start(Stream::Other(Box::new(stream)), options).await
+}
+
+async fn start(stream: Stream, options: Options) -> Result<Client, Error> {
+    let timer = IoTimer {
+        timer: AsyncTimer::never(),
+        at: None,
+    };
+    Client::start(
+        AsyncIoTransport(stream),
+        timer,
+        options,
+        Arc::new(AsyncIoRuntime),
+    )
+    .await
+}
+
+/// A socket QEMU connects to (its `server=off` chardevs): bind, start QEMU, accept.
+#[derive(Debug)]
+pub struct Listener {
+    inner: ListenerKind,
+}
+
+#[derive(Debug)]
+enum ListenerKind {
+    Unix(Async<UnixListener>, PathBuf),
+    Tcp(Async<TcpListener>),
+}
+
+impl Listener {
+    /// Listens on `address`. A unix socket file is created (and removed when the listener is
+    /// dropped); an existing file there is an error.
+    pub async fn bind(address: impl Into<Address>) -> Result<Self, Error> {
+        let inner = match address.into() {
+            Address::Unix(path) => ListenerKind::Unix(Async::<UnixListener>::bind(&path)?, path),
+            Address::Tcp(hostport) => {
+                ListenerKind::Tcp(Async::<TcpListener>::bind(resolve(&hostport)?)?)
+            }
+            other => {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{other}")).into());
+            }
+        };
+        Ok(Self { inner })
+    }
+
+    /// The unix socket path, if this is a unix listener.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.inner {
+            ListenerKind::Unix(_, path) => Some(path),
+            ListenerKind::Tcp(_) => None,
+        }
+    }
+
+    /// The TCP address, if this is a TCP listener (useful after binding port 0).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.inner {
+            ListenerKind::Unix(..) => None,
+            ListenerKind::Tcp(l) => l.get_ref().local_addr().ok(),
+        }
+    }
+
+    /// Waits for QEMU to connect (no deadline: it connects when it starts), then completes the
+    /// handshake within [`Options::connect_timeout`].
+    pub async fn accept(&self, options: Options) -> Result<Client, Error> {
+        let stream = match &self.inner {
+            ListenerKind::Unix(l, _) => Stream::Unix(l.accept().await?.0),
+            ListenerKind::Tcp(l) => {
+                let s = l.accept().await?.0;
+                s.get_ref().set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+        };
+        start(stream, options).await
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenerKind::Unix(_, path) = &self.inner {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+enum Stream {
+    Unix(Async<UnixStream>),
+    Tcp(Async<TcpStream>),
+    Other(Box<dyn Io>),
+}
+
+impl Stream {
+    fn io(&mut self) -> Pin<&mut dyn Io> {
+        match self {
+            Self::Unix(s) => Pin::new(s),
+            Self::Tcp(s) => Pin::new(s),
+            Self::Other(s) => Pin::new(&mut **s),
+        }
+    }
+}
+
+struct AsyncIoTransport(Stream);
+
+impl Transport for AsyncIoTransport {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        self.0.io().poll_read(cx, buf)
+    }
+
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+        fds: &[std::os::fd::OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.0 {
+            Stream::Unix(s) if !fds.is_empty() => loop {
+                match send_with_fds(s.get_ref(), data, fds) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(s.poll_writable(cx))?,
+                    result => return Poll::Ready(result),
+                }
+            },
+            stream => stream.io().poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.io().poll_flush(cx)
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.0 {
+            // `Async`'s poll_close only flushes: shut the write side down so the peer sees EOF.
+            Stream::Unix(s) => Poll::Ready(s.get_ref().shutdown(std::net::Shutdown::Write)),
+            Stream::Tcp(s) => Poll::Ready(s.get_ref().shutdown(std::net::Shutdown::Write)),
+            Stream::Other(s) => Pin::new(&mut **s).poll_close(cx),
+        }
+    }
+
+    fn can_pass_fds(&self) -> bool {
+        matches!(self.0, Stream::Unix(_))
+    }
+}
+
+struct IoTimer {
+    timer: AsyncTimer,
+    at: Option<Instant>,
+}
+
+impl Timer for IoTimer {
+    fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()> {
+        if self.at != Some(at) {
+            self.timer.set_at(at);
+            self.at = Some(at);
+        }
+        Pin::new(&mut self.timer).poll(cx).map(drop)
+    }
+}
+
+struct AsyncIoRuntime;
+
+impl Runtime for AsyncIoRuntime {
+    fn spawn(&self, future: BoxFuture) {
+        // A thread per connection: the task then depends on no executor at all (async-io brings
+        // the reactor), and can never be starved by, or starve, the application's tasks.
+        // If no thread can be had, the task is dropped and `connect` reports the connection
+        // closed.
+        let _ = std::thread::Builder::new()
+            .name("qmp-connection".into())
+            .spawn(move || async_io::block_on(future));
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFuture {
+        Box::pin(async move {
+            AsyncTimer::after(duration).await;
+        })
+    }
+
+    fn yield_now(&self) -> BoxFuture {
+        Box::pin(futures_lite::future::yield_now())
+    }
+}

@@ -1,0 +1,323 @@
+//! Just enough of an executor to run a connection's task on a thread with `poll(2)`, and to block
+//! a calling thread on a future.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use qmp_client::{BoxFuture, Runtime, Timer, Transport, send_with_fds};
+use rustix::event::{PollFd, PollFlags, Timespec};
+
+/// A stream the connection runs over.
+pub(crate) enum Io {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+    Other(Box<dyn Stream>),
+}
+
+/// What [`crate::wrap`] accepts.
+pub(crate) trait Stream: Read + Write + AsFd + Send {}
+impl<T: Read + Write + AsFd + Send> Stream for T {}
+
+impl Io {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Unix(s) => s.as_fd(),
+            Self::Tcp(s) => s.as_fd(),
+            Self::Other(s) => s.as_fd(),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.read(buf),
+            Self::Tcp(s) => s.read(buf),
+            Self::Other(s) => s.read(buf),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.write(buf),
+            Self::Tcp(s) => s.write(buf),
+            Self::Other(s) => s.write(buf),
+        }
+    }
+}
+
+/// State shared by the connection's thread and the transport, timer and waker it runs.
+struct Shared {
+    /// A duplicate of the stream's descriptor, to poll.
+    fd: OwnedFd,
+    want_read: AtomicBool,
+    want_write: AtomicBool,
+    timer: Mutex<Option<Instant>>,
+    /// Written to wake the thread; `wake_pending` avoids writing more than one byte at a time.
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
+    wake_pending: AtomicBool,
+}
+
+/// The transport, timer and runtime of one connection over `io`.
+pub(crate) fn parts(io: Io) -> io::Result<(PollTransport, PollTimer, Arc<PollRuntime>)> {
+    let fd = rustix::io::dup(io.fd())?;
+    let flags = rustix::fs::fcntl_getfl(&fd)?;
+    rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+    let (wake_tx, wake_rx) = UnixStream::pair()?;
+    wake_tx.set_nonblocking(true)?;
+    wake_rx.set_nonblocking(true)?;
+    let shared = Arc::new(Shared {
+        fd,
+        want_read: AtomicBool::new(false),
+        want_write: AtomicBool::new(false),
+        timer: Mutex::new(None),
+        wake_tx,
+        wake_rx,
+        wake_pending: AtomicBool::new(false),
+    });
+    let can_pass_fds = matches!(io, Io::Unix(_));
+    Ok((
+        PollTransport {
+            io,
+            shared: Arc::clone(&shared),
+            can_pass_fds,
+        },
+        PollTimer {
+            shared: Arc::clone(&shared),
+        },
+        Arc::new(PollRuntime { shared }),
+    ))
+}
+
+pub(crate) struct PollTransport {
+    io: Io,
+    shared: Arc<Shared>,
+    can_pass_fds: bool,
+}
+
+impl PollTransport {
+    /// `Pending` (with interest noted for the poll loop) instead of `WouldBlock`.
+    fn ready<T>(result: io::Result<T>, want: &AtomicBool) -> Poll<io::Result<T>> {
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                want.store(true, Ordering::Release);
+                Poll::Pending
+            }
+            other => Poll::Ready(other),
+        }
+    }
+}
+
+impl Transport for PollTransport {
+    fn poll_read(&mut self, _cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Self::ready(self.io.read(buf), &self.shared.want_read)
+    }
+
+    fn poll_write(
+        &mut self,
+        _cx: &mut Context<'_>,
+        data: &[u8],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        let result = match &self.io {
+            Io::Unix(s) if !fds.is_empty() => send_with_fds(s, data, fds),
+            _ => self.io.write(data),
+        };
+        Self::ready(result, &self.shared.want_write)
+    }
+
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = match &mut self.io {
+            Io::Other(s) => s.flush(),
+            _ => Ok(()),
+        };
+        Self::ready(result, &self.shared.want_write)
+    }
+
+    fn poll_close(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(match &self.io {
+            Io::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Io::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Io::Other(_) => Ok(()),
+        })
+    }
+
+    fn can_pass_fds(&self) -> bool {
+        self.can_pass_fds
+    }
+}
+
+pub(crate) struct PollTimer {
+    shared: Arc<Shared>,
+}
+
+impl Timer for PollTimer {
+    fn poll_at(&mut self, _cx: &mut Context<'_>, at: Instant) -> Poll<()> {
+        if Instant::now() >= at {
+            return Poll::Ready(());
+        }
+        *self
+            .shared
+            .timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(at);
+        Poll::Pending
+    }
+}
+
+pub(crate) struct PollRuntime {
+    shared: Arc<Shared>,
+}
+
+impl Runtime for PollRuntime {
+    fn spawn(&self, future: BoxFuture) {
+        let shared = Arc::clone(&self.shared);
+        // If no thread can be had the task is dropped, and `connect` reports the connection closed.
+        let _ = thread::Builder::new()
+            .name("qmp-connection".into())
+            .spawn(move || run(future, &shared));
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFuture {
+        Box::pin(Sleep {
+            at: Instant::now() + duration,
+            helper: None,
+        })
+    }
+}
+
+struct PipeWaker(Arc<Shared>);
+
+impl Wake for PipeWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.0.wake_pending.swap(true, Ordering::AcqRel) {
+            let _ = (&self.0.wake_tx).write(&[1]);
+        }
+    }
+}
+
+/// Runs a connection's task to completion on this thread.
+fn run(mut future: BoxFuture, shared: &Arc<Shared>) {
+    let waker = Waker::from(Arc::new(PipeWaker(Arc::clone(shared))));
+    let mut cx = Context::from_waker(&waker);
+    let mut drain = [0u8; 64];
+    loop {
+        shared.want_read.store(false, Ordering::Release);
+        shared.want_write.store(false, Ordering::Release);
+        *shared.timer.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        if future.as_mut().poll(&mut cx).is_ready() {
+            return;
+        }
+        let mut flags = PollFlags::empty();
+        if shared.want_read.load(Ordering::Acquire) {
+            flags |= PollFlags::IN;
+        }
+        if shared.want_write.load(Ordering::Acquire) {
+            flags |= PollFlags::OUT;
+        }
+        let timeout = shared
+            .timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|at| {
+                let d = at.saturating_duration_since(Instant::now());
+                // Round up to whole milliseconds' worth so a deadline is never polled early forever.
+                Timespec {
+                    tv_sec: d.as_secs() as i64,
+                    tv_nsec: i64::from(d.subsec_nanos()),
+                }
+            });
+        let mut fds = [
+            PollFd::new(&shared.fd, flags),
+            PollFd::new(&shared.wake_rx, PollFlags::IN),
+        ];
+        // EINTR and friends: just go round again.
+        let _ = rustix::event::poll(&mut fds, timeout.as_ref());
+        shared.wake_pending.store(false, Ordering::Release);
+        while matches!((&shared.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
+    }
+}
+
+thread_local! {
+    /// Inside [`block_on`]: the earliest time a pending [`Sleep`] wants to be polled again.
+    static PARK_UNTIL: Cell<Option<Option<Instant>>> = const { Cell::new(None) };
+}
+
+/// A timer future for the caller side (connect deadlines, event waits).
+struct Sleep {
+    at: Instant,
+    /// Outside [`block_on`] (someone polls it from another executor), a thread wakes it.
+    helper: Option<thread::JoinHandle<()>>,
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.at {
+            return Poll::Ready(());
+        }
+        let at = self.at;
+        let in_block_on = PARK_UNTIL.with(|p| match p.get() {
+            Some(until) => {
+                p.set(Some(Some(until.map_or(at, |u| u.min(at)))));
+                true
+            }
+            None => false,
+        });
+        if !in_block_on && self.helper.is_none() {
+            let waker = cx.waker().clone();
+            self.helper = Some(thread::spawn(move || {
+                thread::sleep(at.saturating_duration_since(Instant::now()));
+                waker.wake();
+            }));
+        }
+        Poll::Pending
+    }
+}
+
+struct ThreadWaker(Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs `future` to completion on this thread, sleeping between polls: how every blocking call
+/// here waits, and a way to use [`Client::as_async`](crate::Client::as_async) from blocking code.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let outer = PARK_UNTIL.with(|p| p.replace(Some(None)));
+    let output = loop {
+        PARK_UNTIL.with(|p| p.set(Some(None)));
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            break output;
+        }
+        match PARK_UNTIL.with(Cell::get).flatten() {
+            Some(at) => thread::park_timeout(at.saturating_duration_since(Instant::now())),
+            None => thread::park(),
+        }
+    };
+    PARK_UNTIL.with(|p| p.set(outer));
+    output
+}

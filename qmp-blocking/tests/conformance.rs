@@ -1,0 +1,53 @@
+//! The shared conformance suite (`qmp_testkit::scenarios`) on the blocking adapter: connections
+//! made by `qmp_blocking`, scenarios driven through its async core with `qmp_blocking::block_on`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use qmp_blocking::{Error, Options};
+use qmp_client::Client;
+use qmp_testkit::scenarios::{Adapter, BoxFut};
+
+struct Blocking;
+
+impl Adapter for Blocking {
+    fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
+        Box::pin(async move { qmp_blocking::connect(path, options).map(|c| c.as_async().clone()) })
+    }
+
+    fn accept(
+        &self,
+        path: PathBuf,
+        options: Options,
+        bound: Box<dyn FnOnce() + Send>,
+    ) -> BoxFut<Result<Client, Error>> {
+        Box::pin(async move {
+            let listener = qmp_blocking::Listener::bind(path)?;
+            bound();
+            listener.accept(options).map(|c| c.as_async().clone())
+        })
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFut<()> {
+        let at = Instant::now() + duration;
+        Box::pin(std::future::poll_fn(move |cx| {
+            if Instant::now() >= at {
+                return std::task::Poll::Ready(());
+            }
+            let waker = cx.waker().clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                waker.wake();
+            });
+            std::task::Poll::Pending
+        }))
+    }
+
+    fn run(&self, scenario: BoxFut<()>) {
+        qmp_blocking::block_on(scenario);
+    }
+}
+
+static BLOCKING: Blocking = Blocking;
+
+qmp_testkit::conformance!(BLOCKING);

@@ -1,0 +1,709 @@
+//! The conformance suite: every scenario, written once against [`Adapter`], run on every adapter
+//! by [`conformance!`](crate::conformance) (tokio, async-std, smol, blocking), so a behaviour
+//! cannot differ between runtimes without a test failing.
+
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use qmp_client::{
+    Client, CommandError, Config, Disconnect, Error, EventFilter, Options, ProtocolError,
+};
+use serde_json::{Value, json};
+
+use crate::{FakeServer, GREETING, Qsd, ServerConn};
+
+/// A boxed, sendable future.
+pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What the suite needs from an adapter.
+pub trait Adapter: Send + Sync + 'static {
+    /// Connects to the QMP socket at `path`.
+    fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>>;
+    /// Binds a listener at `path`, calls `bound` (which starts a QEMU that connects to it), then
+    /// accepts.
+    fn accept(
+        &self,
+        path: PathBuf,
+        options: Options,
+        bound: Box<dyn FnOnce() + Send>,
+    ) -> BoxFut<Result<Client, Error>>;
+    /// Sleeps on the adapter's runtime.
+    fn sleep(&self, duration: Duration) -> BoxFut<()>;
+    /// Runs a scenario to completion on the adapter's runtime.
+    fn run(&self, scenario: BoxFut<()>);
+}
+
+/// Runs `f` until `d` passes: `None` on timeout (and `f` is dropped).
+pub async fn timeout<T>(a: &dyn Adapter, d: Duration, f: impl Future<Output = T>) -> Option<T> {
+    use futures_util::future::{Either, select};
+    let f = std::pin::pin!(f);
+    match select(f, a.sleep(d)).await {
+        Either::Left((v, _)) => Some(v),
+        Either::Right(_) => None,
+    }
+}
+
+/// Waits (without blocking the runtime) for a value from a server thread.
+pub async fn recv<T: Send>(a: &dyn Adapter, rx: mpsc::Receiver<T>) -> T {
+    for _ in 0..500 {
+        if let Ok(v) = rx.try_recv() {
+            return v;
+        }
+        a.sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing from the server within 5 s");
+}
+
+async fn connect(a: &dyn Adapter, server: &FakeServer) -> Client {
+    a.connect(server.path().to_owned(), Options::new())
+        .await
+        .expect("connect")
+}
+
+fn oob() -> Options {
+    Options::new().config(Config::builder().enable_oob(true).build().expect("valid"))
+}
+
+// --- Real qemu-storage-daemon ------------------------------------------------------------------
+
+/// Handshake with and without OOB, `query-version`, a clean disconnect.
+pub async fn qemu_handshake(a: &'static dyn Adapter) {
+    let qsd = Qsd::start();
+    for enable in [true, false] {
+        let config = Config::builder().enable_oob(enable).build().expect("valid");
+        let client = a
+            .connect(qsd.socket().to_owned(), Options::new().config(config))
+            .await
+            .expect("connect");
+        assert_eq!(client.oob_enabled(), enable);
+        let version = client
+            .execute("query-version", ())
+            .await
+            .expect("query-version");
+        assert_eq!(version["qemu"]["major"], client.greeting().version.major);
+        client.disconnect().await;
+        assert!(matches!(client.closed().await, Disconnect::Local));
+    }
+}
+
+/// Error classes, typed results, `blockdev-add`, introspection.
+pub async fn qemu_errors_typed_and_introspection(a: &'static dyn Adapter) {
+    let qsd = Qsd::start();
+    let client = a
+        .connect(qsd.socket().to_owned(), Options::new())
+        .await
+        .expect("connect");
+    assert!(
+        client
+            .execute("no-such-command", ())
+            .await
+            .expect_err("error")
+            .is_qmp_class("CommandNotFound")
+    );
+    let bad = client
+        .execute(
+            "blockdev-add",
+            json!({"driver": "no-such-driver", "node-name": "x"}),
+        )
+        .await;
+    assert!(bad.expect_err("error").is_qmp_class("GenericError"));
+    let ok = client
+        .execute(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "n0", "size": 1 << 20}),
+        )
+        .await;
+    assert_eq!(ok.expect("blockdev-add"), json!({}));
+    #[derive(serde::Deserialize)]
+    struct Node {
+        #[serde(rename = "node-name")]
+        node_name: String,
+    }
+    let nodes: Vec<Node> = client
+        .execute_as("query-named-block-nodes", ())
+        .await
+        .expect("typed");
+    assert_eq!(nodes[0].node_name, "n0");
+    let wrong: Result<u8, _> = client.execute_as("query-version", ()).await;
+    assert!(matches!(wrong, Err(Error::Decode(_))));
+    assert!(
+        client
+            .has_command("blockdev-mirror")
+            .await
+            .expect("commands")
+    );
+    assert!(!client.has_command("getfd").await.expect("commands"));
+    let schema = client.schema().await.expect("schema");
+    assert!(schema.as_array().is_some_and(|s| s.len() > 100));
+}
+
+/// The mirror-job recipe: a subscription made before `blockdev-mirror` sees `created` and
+/// `running` (sent before the command's return), then the job through `BLOCK_JOB_COMPLETED`.
+pub async fn qemu_mirror_job_events(a: &'static dyn Adapter) {
+    let qsd = Qsd::start_pretty();
+    let client = a
+        .connect(qsd.socket().to_owned(), Options::new())
+        .await
+        .expect("connect");
+    for node in ["src", "tgt"] {
+        let args = json!({"driver": "null-co", "node-name": node, "size": 67108864});
+        client
+            .execute("blockdev-add", args)
+            .await
+            .expect("blockdev-add");
+    }
+    let mut job = client.subscribe(EventFilter::names([
+        "JOB_STATUS_CHANGE",
+        "BLOCK_JOB_READY",
+        "BLOCK_JOB_COMPLETED",
+    ]));
+    let args = json!({"job-id": "job0", "device": "src", "target": "tgt", "sync": "full"});
+    client
+        .execute("blockdev-mirror", args)
+        .await
+        .expect("blockdev-mirror");
+    let mut seen = Vec::new();
+    loop {
+        let e = job
+            .recv_timeout(Duration::from_secs(10))
+            .await
+            .expect("event");
+        let status = e.data_value().expect("data")["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        seen.push(format!("{}:{status}", e.name));
+        if e.name == "BLOCK_JOB_READY" {
+            client
+                .execute("job-complete", json!({"id": "job0"}))
+                .await
+                .expect("job-complete");
+        }
+        if status == "null" {
+            break;
+        }
+    }
+    assert_eq!(
+        seen[..2],
+        ["JOB_STATUS_CHANGE:created", "JOB_STATUS_CHANGE:running"],
+        "{seen:?}"
+    );
+    let completed = seen
+        .iter()
+        .position(|s| s == "BLOCK_JOB_COMPLETED:")
+        .expect("completed");
+    let pending = seen
+        .iter()
+        .position(|s| s == "JOB_STATUS_CHANGE:pending")
+        .expect("pending");
+    assert!(pending < completed, "{seen:?}");
+}
+
+/// QEMU connecting to us (`server=off`).
+pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("listen.sock");
+    let (tx, rx) = mpsc::channel();
+    let peer = path.clone();
+    let bound = Box::new(move || tx.send(Qsd::connect_to(&peer)).expect("send"));
+    let client = a.accept(path, Options::new(), bound).await.expect("accept");
+    let _qsd = rx.recv().expect("started");
+    assert!(client.execute("query-version", ()).await.is_ok());
+}
+
+/// 1,000 executes from 50 concurrent callers.
+pub async fn qemu_thousand_concurrent_executes(a: &'static dyn Adapter) {
+    let qsd = Qsd::start();
+    let client = a
+        .connect(qsd.socket().to_owned(), Options::new())
+        .await
+        .expect("connect");
+    let callers = (0..50).map(|t| {
+        let client = client.clone();
+        async move {
+            for i in 0..20 {
+                if (t + i) % 7 == 0 {
+                    assert!(
+                        client
+                            .execute("no-such", ())
+                            .await
+                            .expect_err("error")
+                            .is_qmp_class("CommandNotFound")
+                    );
+                } else {
+                    assert!(client.execute("query-version", ()).await.is_ok());
+                }
+            }
+        }
+    });
+    join_all(callers).await;
+}
+
+/// The daemon killed with SIGKILL while commands are in flight.
+pub async fn qemu_killed_mid_flight(a: &'static dyn Adapter) {
+    let mut qsd = Qsd::start();
+    let client = a
+        .connect(qsd.socket().to_owned(), Options::new())
+        .await
+        .expect("connect");
+    let mut events = client.subscribe(EventFilter::all());
+    let calls = join_all((0..100).map(|i| {
+        let client = client.clone();
+        async move {
+            if i == 50 {
+                None
+            } else {
+                Some(client.execute("query-named-block-nodes", ()).await)
+            }
+        }
+    }));
+    let kill = async {
+        qsd.kill();
+    };
+    let (results, ()) = futures_util::join!(calls, kill);
+    for r in results.into_iter().flatten() {
+        assert!(matches!(r, Ok(_) | Err(Error::Disconnected(_))), "{r:?}");
+    }
+    let reason = timeout(a, Duration::from_secs(5), client.closed())
+        .await
+        .expect("closed");
+    assert!(
+        matches!(reason, Disconnect::PeerClosed | Disconnect::Io(_)),
+        "{reason:?}"
+    );
+    assert!(
+        timeout(a, Duration::from_secs(5), events.recv())
+            .await
+            .expect("ends")
+            .is_none()
+    );
+    assert!(matches!(
+        client.execute("query-version", ()).await,
+        Err(Error::Disconnected(_))
+    ));
+}
+
+// --- The fake server -----------------------------------------------------------------------------
+
+/// Greeting and replies written a few bytes at a time.
+pub async fn fake_fragmented_writes(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.send_fragmented(
+            format!("{GREETING}\r\n").as_bytes(),
+            1,
+            Duration::from_micros(50),
+        );
+        let caps = c.expect("qmp_capabilities");
+        let reply = format!("{{\"return\": {{}}, \"id\": {}}}\r\n", caps.command["id"]);
+        c.send_fragmented(reply.as_bytes(), 3, Duration::from_micros(50));
+        let q = c.expect("query-status");
+        let big = json!({"return": {"status": "running", "pad": "x".repeat(100_000)}, "id": q.command["id"]});
+        c.send_fragmented(format!("{big}\r\n").as_bytes(), 7, Duration::ZERO);
+        c.serve_forever();
+    });
+    let client = connect(a, &server).await;
+    let status = client.execute("query-status", ()).await.expect("status");
+    assert_eq!(status["pad"].as_str().map(str::len), Some(100_000));
+}
+
+/// Pretty output, junk, invalid JSON and UTF-8, non-objects, and a long id-less error cascade
+/// between messages: all survived.
+pub async fn fake_garbage_pretty_and_cascades(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.pretty = true;
+        c.handshake();
+        let q = c.expect("query-status");
+        c.send_raw(b"\xff\x01garbage\r\n{\"bad\": }\r\n[1]\r\n{\"return\": \"\xc3\x28\", \"id\": 99}\r\n\"{\"\r\n");
+        for _ in 0..1500 {
+            c.idless_error("JSON parse error, expecting value");
+        }
+        c.reply(&q.command, json!({"status": "running"}));
+        c.serve_forever();
+    });
+    let client = connect(a, &server).await;
+    assert_eq!(
+        client.execute("query-status", ()).await.expect("status")["status"],
+        "running"
+    );
+    assert!(client.execute("query-version", ()).await.is_ok());
+}
+
+/// OOB replies overtake in-band ones and are matched by id.
+pub async fn fake_oob_reordering(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let slow_a = c.expect("slow-a");
+        let slow_b = c.expect("slow-b");
+        let urgent = c.expect("urgent");
+        assert!(urgent.is_oob());
+        c.reply(&urgent.command, json!("urgent"));
+        c.reply(&slow_b.command, json!("b"));
+        c.reply(&slow_a.command, json!("a"));
+        c.serve_forever();
+    });
+    let client = a
+        .connect(server.path().to_owned(), oob())
+        .await
+        .expect("connect");
+    let first = client.execute("slow-a", ());
+    let second = client.execute("slow-b", ());
+    let third = async {
+        a.sleep(Duration::from_millis(20)).await;
+        client.execute_oob("urgent", ()).await
+    };
+    let (x, y, z) = futures_util::join!(first, second, third);
+    assert_eq!(
+        (x.expect("a"), y.expect("b"), z.expect("oob")),
+        (json!("a"), json!("b"), json!("urgent"))
+    );
+}
+
+/// EOF in the middle of a reply.
+pub async fn fake_disconnect_mid_reply(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let _ = c.expect("query-status");
+        c.send_raw(b"{\"return\": {\"status\": \"runn");
+        c.close();
+    });
+    let client = connect(a, &server).await;
+    let err = client
+        .execute("query-status", ())
+        .await
+        .expect_err("cut off");
+    assert!(
+        matches!(
+            err,
+            Error::Disconnected(Disconnect::Protocol(ProtocolError::UnexpectedEof {
+                buffered: 27
+            }))
+        ),
+        "{err:?}"
+    );
+}
+
+/// A flood of events: the slow subscriber is told what it missed, the command's reply is not
+/// held up, order is kept.
+pub async fn fake_event_flood_lag(a: &'static dyn Adapter) {
+    const N: u64 = 20_000;
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let go = c.expect("flood");
+        for i in 0..N {
+            c.event("TICK", json!({"i": i}));
+        }
+        c.reply(&go.command, json!({}));
+        c.serve_forever();
+    });
+    let client = a
+        .connect(server.path().to_owned(), Options::new().event_buffer(16))
+        .await
+        .expect("connect");
+    let mut slow = client.subscribe(EventFilter::name("TICK"));
+    client.execute("flood", ()).await.expect("flood");
+    let (mut got, mut missed, mut last) = (0u64, 0u64, None);
+    while got + missed < N {
+        match slow.recv().await.expect("open") {
+            Ok(e) => {
+                let i = e.data_value().expect("data")["i"].as_u64().expect("i");
+                assert!(last.is_none_or(|l| i > l));
+                last = Some(i);
+                got += 1;
+            }
+            Err(l) => missed += l.missed,
+        }
+    }
+    assert!(missed > 0 && got >= 16, "got {got}, missed {missed}");
+}
+
+/// Replies over the size and depth limits fail their call; the connection carries on.
+pub async fn fake_limits(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let big = c.expect("big");
+        c.reply(&big.command, json!("x".repeat(10_000)));
+        let deep = c.expect("deep");
+        let mut v = json!(1);
+        for _ in 0..100 {
+            v = json!([v]);
+        }
+        c.reply(&deep.command, v);
+        c.serve_forever();
+    });
+    let config = Config::builder()
+        .max_message_size(4096)
+        .max_depth(32)
+        .build()
+        .expect("valid");
+    let client = a
+        .connect(server.path().to_owned(), Options::new().config(config))
+        .await
+        .expect("connect");
+    let err = client.execute("big", ()).await.expect_err("too large");
+    assert!(
+        matches!(err, Error::Command(CommandError::ResponseTooLarge { .. })),
+        "{err:?}"
+    );
+    let err = client.execute("deep", ()).await.expect_err("too deep");
+    assert!(
+        matches!(err, Error::Command(CommandError::ResponseTooDeep { .. })),
+        "{err:?}"
+    );
+    assert!(client.execute("query-version", ()).await.is_ok());
+}
+
+/// File descriptors reach the server with their command; the server reads from them.
+pub async fn fake_fd_passing(a: &'static dyn Adapter) {
+    use std::io::{Read, Seek, Write};
+    let (tx, rx) = mpsc::channel::<String>();
+    let server = FakeServer::start(move |c: &mut ServerConn| {
+        c.handshake();
+        let getfd = c.expect("getfd");
+        assert_eq!(getfd.fds.len(), 1);
+        let mut file = std::fs::File::from(getfd.fds.into_iter().next().expect("fd"));
+        let mut text = String::new();
+        file.rewind().expect("rewind");
+        file.read_to_string(&mut text).expect("read");
+        tx.send(text).expect("send");
+        c.reply(&getfd.command, json!({}));
+        let add = c.expect("add-fd");
+        assert_eq!(add.fds.len(), 1);
+        c.reply(&add.command, json!({"fdset-id": 3, "fd": 42}));
+        c.serve_forever();
+    });
+    let client = connect(a, &server).await;
+    let mut file = tempfile::tempfile().expect("temp file");
+    file.write_all(b"through SCM_RIGHTS").expect("write");
+    client
+        .getfd("fd0", OwnedFd::from(file))
+        .await
+        .expect("getfd");
+    assert_eq!(recv(a, rx).await, "through SCM_RIGHTS");
+    let info = client
+        .add_fd(
+            OwnedFd::from(tempfile::tempfile().expect("temp")),
+            None,
+            None,
+        )
+        .await
+        .expect("add-fd");
+    assert_eq!((info.fdset_id, info.fd), (3, 42));
+}
+
+/// A dropped call never corrupts the connection: queued ones are never sent, late replies of
+/// written ones are discarded.
+pub async fn fake_cancel_safety(a: &'static dyn Adapter) {
+    let (tx, rx) = mpsc::channel::<Vec<String>>();
+    let server = FakeServer::start(move |c: &mut ServerConn| {
+        c.handshake();
+        let held: Vec<_> = (0..8).map(|_| c.expect("hold")).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        for h in &held {
+            c.reply(&h.command, json!("held"));
+        }
+        let mut names = Vec::new();
+        while let Some(r) = c.recv() {
+            names.push(r.name().to_owned());
+            c.reply(&r.command, json!(r.name()));
+            if r.name() == "last" {
+                break;
+            }
+        }
+        tx.send(names).expect("send");
+        c.serve_forever();
+    });
+    // OOB on: at most 8 in-band commands in flight, so a 9th waits in the client.
+    let client = a
+        .connect(server.path().to_owned(), oob())
+        .await
+        .expect("connect");
+    let holders = join_all((0..8).map(|_| client.execute("hold", ())));
+    let rest = async {
+        a.sleep(Duration::from_millis(50)).await;
+        let never = timeout(
+            a,
+            Duration::from_millis(20),
+            client.execute("never-sent", ()),
+        )
+        .await;
+        assert!(never.is_none());
+    };
+    let (held, ()) = futures_util::join!(holders, rest);
+    assert!(held.into_iter().all(|r| r.expect("held") == json!("held")));
+    assert_eq!(
+        client.execute("last", ()).await.expect("last"),
+        json!("last")
+    );
+    assert_eq!(recv(a, rx).await, ["last"]);
+}
+
+/// A timed-out call leaves a usable connection; its late reply is discarded.
+pub async fn fake_timeouts(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let slow = c.expect("slow");
+        let next = c.expect("next");
+        std::thread::sleep(Duration::from_millis(300));
+        c.reply(&slow.command, json!("late"));
+        c.reply(&next.command, json!("next"));
+        c.serve_forever();
+    });
+    let client = connect(a, &server).await;
+    let quick = client.with_timeout(Duration::from_millis(100));
+    let (slow, next) = futures_util::join!(quick.execute("slow", ()), client.execute("next", ()));
+    assert!(matches!(slow, Err(Error::Timeout)), "{slow:?}");
+    assert_eq!(next.expect("next"), json!("next"));
+    assert!(client.execute("query-version", ()).await.is_ok());
+}
+
+/// Lifecycle: disconnect fails waiting calls and ends subscriptions; dropping the last handle
+/// closes the socket; a server that never greets makes connect time out.
+pub async fn fake_lifecycle(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let _stuck = c.expect("stuck");
+        while c.recv().is_some() {}
+    });
+    let client = connect(a, &server).await;
+    let mut events = client.subscribe(EventFilter::all());
+    let stuck = client.execute("stuck", ());
+    let close = async {
+        a.sleep(Duration::from_millis(50)).await;
+        client.disconnect().await;
+    };
+    let (stuck, ()) = futures_util::join!(stuck, close);
+    assert!(
+        matches!(stuck, Err(Error::Disconnected(Disconnect::Local))),
+        "{stuck:?}"
+    );
+    assert!(events.recv().await.is_none());
+    assert!(matches!(
+        client.execute("x", ()).await,
+        Err(Error::Disconnected(_))
+    ));
+
+    let (tx, rx) = mpsc::channel::<bool>();
+    let server = FakeServer::start(move |c: &mut ServerConn| {
+        c.handshake();
+        tx.send(c.recv().is_none()).expect("send");
+    });
+    drop(connect(a, &server).await);
+    assert!(
+        recv(a, rx).await,
+        "the server saw EOF after the last handle went"
+    );
+
+    let mute = FakeServer::start(|c| while c.recv().is_some() {});
+    let options = Options::new().connect_timeout(Duration::from_millis(300));
+    let result = a.connect(mute.path().to_owned(), options).await;
+    assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
+}
+
+/// Handshake failures are protocol errors that say what went wrong.
+pub async fn fake_handshake_failures(a: &'static dyn Adapter) {
+    let refuse = FakeServer::start(|c| {
+        c.greet(true);
+        let caps = c.expect("qmp_capabilities");
+        c.reply_error(&caps.command, "GenericError", "no");
+    });
+    let err = a
+        .connect(refuse.path().to_owned(), Options::new())
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(err, Error::Protocol(ProtocolError::NegotiationRejected(_))),
+        "{err:?}"
+    );
+    let agent = FakeServer::start(|c| c.send(&json!({"return": {}})));
+    let err = a
+        .connect(agent.path().to_owned(), Options::new())
+        .await
+        .expect_err("no greeting");
+    assert!(
+        matches!(err, Error::Protocol(ProtocolError::BadGreeting(_))),
+        "{err:?}"
+    );
+    let eof = FakeServer::start(ServerConn::close);
+    let err = a
+        .connect(eof.path().to_owned(), Options::new())
+        .await
+        .expect_err("eof");
+    assert!(
+        matches!(err, Error::Protocol(ProtocolError::EofDuringHandshake)),
+        "{err:?}"
+    );
+}
+
+/// Raw commands keep their members but get the client's id; `wait_for` matches data patterns.
+pub async fn fake_raw_commands_and_patterns(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let raw = c.expect("query-status");
+        assert_eq!(raw.arguments(), &json!({"verbose": true}));
+        assert!(raw.command["id"].is_u64());
+        c.reply(&raw.command, json!({"status": "paused"}));
+        let go = c.expect("job-run");
+        c.event(
+            "JOB_STATUS_CHANGE",
+            json!({"status": "pending", "id": "job1"}),
+        );
+        c.reply(&go.command, json!({}));
+        c.event(
+            "JOB_STATUS_CHANGE",
+            json!({"status": "pending", "id": "job0", "extra": [1]}),
+        );
+        c.serve_forever();
+    });
+    let client = connect(a, &server).await;
+    let raw = json!({"execute": "query-status", "arguments": {"verbose": true}, "id": "mine"});
+    assert_eq!(
+        client.execute_raw(raw).await.expect("raw"),
+        json!({"status": "paused"})
+    );
+    let pending =
+        EventFilter::name("JOB_STATUS_CHANGE").data(json!({"status": "pending", "id": "job0"}));
+    let mut sub = client.subscribe(pending.clone());
+    client.execute("job-run", ()).await.expect("job-run");
+    let event = sub
+        .wait_for(&pending, Duration::from_secs(5))
+        .await
+        .expect("event");
+    assert_eq!(event.data_value().expect("data")["extra"], json!([1]));
+    let err = client
+        .wait_for(EventFilter::name("NEVER"), Duration::from_millis(100))
+        .await;
+    assert!(matches!(err, Err(Error::Timeout)), "{err:?}");
+    let _: Value = client
+        .execute("query-version", ())
+        .await
+        .expect("still fine");
+}
+
+/// Instantiates the whole conformance suite for an adapter: `conformance!(ADAPTER)` where
+/// `ADAPTER` is a `static` implementing [`Adapter`].
+#[macro_export]
+macro_rules! conformance {
+    ($adapter:expr) => {
+        $crate::conformance!(@tests $adapter;
+            qemu_handshake, qemu_errors_typed_and_introspection, qemu_mirror_job_events,
+            qemu_accept_mode, qemu_thousand_concurrent_executes, qemu_killed_mid_flight,
+            fake_fragmented_writes, fake_garbage_pretty_and_cascades, fake_oob_reordering,
+            fake_disconnect_mid_reply, fake_event_flood_lag, fake_limits, fake_fd_passing,
+            fake_cancel_safety, fake_timeouts, fake_lifecycle, fake_handshake_failures,
+            fake_raw_commands_and_patterns);
+    };
+    (@tests $adapter:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let adapter: &'static dyn $crate::scenarios::Adapter = &$adapter;
+                adapter.run(Box::pin($crate::scenarios::$name(adapter)));
+            }
+        )*
+    };
+}

@@ -1,0 +1,44 @@
+//! The shared conformance suite (`qmp_testkit::scenarios`) on tokio.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use qmp_testkit::scenarios::{Adapter, BoxFut};
+use qmp_tokio::{Client, Error, Options};
+
+struct Tokio;
+
+impl Adapter for Tokio {
+    fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
+        Box::pin(qmp_tokio::connect(path, options))
+    }
+
+    fn accept(
+        &self,
+        path: PathBuf,
+        options: Options,
+        bound: Box<dyn FnOnce() + Send>,
+    ) -> BoxFut<Result<Client, Error>> {
+        Box::pin(async move {
+            let listener = qmp_tokio::Listener::bind(path).await?;
+            bound();
+            listener.accept(options).await
+        })
+    }
+
+    fn sleep(&self, duration: Duration) -> BoxFut<()> {
+        Box::pin(tokio::time::sleep(duration))
+    }
+
+    fn run(&self, scenario: BoxFut<()>) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(scenario);
+    }
+}
+
+static TOKIO: Tokio = Tokio;
+
+qmp_testkit::conformance!(TOKIO);
