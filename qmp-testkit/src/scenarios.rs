@@ -433,6 +433,9 @@ pub async fn fake_limits(a: &'static dyn Adapter) {
             v = json!([v]);
         }
         c.reply(&deep.command, v);
+        let utf8 = c.expect("bad-utf8");
+        let tail = format!(", \"id\": {}}}\r\n", utf8.command["id"]);
+        c.send_raw(&[&b"{\"return\": \"\xc3\x28\""[..], tail.as_bytes()].concat());
         c.serve_forever();
     });
     let config = Config::builder()
@@ -454,6 +457,12 @@ pub async fn fake_limits(a: &'static dyn Adapter) {
         matches!(err, Error::Command(CommandError::ResponseTooDeep { .. })),
         "{err:?}"
     );
+    // A reply that is not even UTF-8 cannot be attributed: only a timeout ends the call.
+    let err = client
+        .with_timeout(Duration::from_millis(200))
+        .execute("bad-utf8", ())
+        .await;
+    assert!(matches!(err, Err(Error::Timeout)), "{err:?}");
     assert!(client.execute("query-version", ()).await.is_ok());
 }
 
