@@ -74,6 +74,9 @@ fn main() -> ExitCode {
     }
     let result = match args.adapter.as_str() {
         "tokio" => tokio_main(&args),
+        "smol" => smol_main(&args),
+        "async-std" => async_std_main(&args),
+        "blocking" => blocking_main(&args),
         other => Err(format!("unknown adapter {other}")),
     };
     match result {
@@ -179,34 +182,156 @@ fn options(args: &Args) -> Options {
         .connect_timeout(Duration::from_secs(30))
 }
 
+/// Runs the workload on a connected async client and reports.
+async fn run_async(
+    client: Result<Client, qmp_tokio::Error>,
+    args: &Args,
+) -> Result<String, String> {
+    let client = client.map_err(|e| e.to_string())?;
+    if args.oob == Some(true) && !client.oob_enabled() {
+        return Err("the server did not offer oob".to_owned());
+    }
+    let seconds = workload(&client, args).await.map_err(|e| e.to_string())?;
+    let server = client.greeting().version.package.clone();
+    let name = format!(
+        "qmp-rs-{}{}",
+        args.adapter,
+        if args.typed { "-typed" } else { "" }
+    );
+    let out = report(args, &name, client.oob_enabled(), &server, seconds);
+    client.disconnect().await;
+    Ok(out)
+}
+
 fn tokio_main(args: &Args) -> Result<String, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let client = qmp_tokio::connect(args.socket.as_str(), options(args))
-            .await
-            .map_err(|e| e.to_string())?;
-        if args.oob == Some(true) && !client.oob_enabled() {
-            return Err("the server did not offer oob".to_owned());
-        }
-        let seconds = tokio_workload(&client, args)
-            .await
-            .map_err(|e| e.to_string())?;
-        let server = client.greeting().version.package.clone();
-        let name = if args.typed {
-            "qmp-rs-tokio-typed"
-        } else {
-            "qmp-rs-tokio"
-        };
-        let out = report(args, name, client.oob_enabled(), &server, seconds);
-        client.disconnect().await;
-        Ok(out)
+        run_async(
+            qmp_tokio::connect(args.socket.as_str(), options(args)).await,
+            args,
+        )
+        .await
     })
 }
 
-async fn tokio_workload(client: &Client, args: &Args) -> Result<f64, qmp_tokio::Error> {
+/// smol's way: one executor on this thread runs both the connection's task and the workload.
+fn smol_main(args: &Args) -> Result<String, String> {
+    let executor = std::sync::Arc::new(async_executor::Executor::new());
+    let spawner = std::sync::Arc::clone(&executor);
+    let options = options(args).spawner(move |task| spawner.spawn(task).detach());
+    futures_lite::future::block_on(executor.run(async {
+        run_async(
+            qmp_async_std::connect(args.socket.as_str(), options).await,
+            args,
+        )
+        .await
+    }))
+}
+
+/// async-std's way: its executor for the workload, the connection on a thread of its own.
+fn async_std_main(args: &Args) -> Result<String, String> {
+    async_std::task::block_on(async {
+        run_async(
+            qmp_async_std::connect(args.socket.as_str(), options(args)).await,
+            args,
+        )
+        .await
+    })
+}
+
+/// No runtime: plain threads.
+fn blocking_main(args: &Args) -> Result<String, String> {
+    let client =
+        qmp_blocking::connect(args.socket.as_str(), options(args)).map_err(|e| e.to_string())?;
+    if args.oob == Some(true) && !client.oob_enabled() {
+        return Err("the server did not offer oob".to_owned());
+    }
+    let start = Instant::now();
+    blocking_workload(&client, args).map_err(|e| e.to_string())?;
+    let seconds = start.elapsed().as_secs_f64();
+    let server = client.greeting().version.package.clone();
+    let name = format!("qmp-rs-blocking{}", if args.typed { "-typed" } else { "" });
+    let out = report(args, &name, client.oob_enabled(), &server, seconds);
+    client.disconnect();
+    Ok(out)
+}
+
+fn blocking_workload(
+    client: &qmp_blocking::Client,
+    args: &Args,
+) -> Result<(), qmp_blocking::Error> {
+    let n = args.n;
+    match args.workload.as_str() {
+        "roundtrip" => {
+            for _ in 0..n {
+                let _: VersionInfo = client.execute_as("query-version", ())?;
+            }
+        }
+        "pipeline" => {
+            // W threads sharing the client, each waiting for its own answers.
+            let w = args.arg.max(1);
+            std::thread::scope(|s| {
+                let workers: Vec<_> = (0..w)
+                    .map(|i| {
+                        let count = n / w + u64::from(i < n % w);
+                        s.spawn(move || -> Result<(), qmp_blocking::Error> {
+                            for _ in 0..count {
+                                let _: VersionInfo = client.execute_as("query-version", ())?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .try_for_each(|w| w.join().unwrap_or(Err(qmp_blocking::Error::Timeout)))
+            })?;
+        }
+        "events" => {
+            let mut events = client.subscribe(EventFilter::all());
+            let flood = {
+                let client = client.clone();
+                let size = args.arg;
+                std::thread::spawn(move || {
+                    client.execute("x-flood", json!({"count": n, "size": size}))
+                })
+            };
+            for _ in 0..n {
+                match events.recv() {
+                    Some(Ok(event)) => {
+                        std::hint::black_box(&event.name);
+                    }
+                    Some(Err(lagged)) => {
+                        return Err(qmp_blocking::Error::Lagged {
+                            missed: lagged.missed,
+                        });
+                    }
+                    None => return Err(qmp_blocking::Error::Timeout),
+                }
+            }
+            flood.join().unwrap_or(Err(qmp_blocking::Error::Timeout))?;
+        }
+        "big" if args.typed => {
+            for _ in 0..n {
+                let nodes: Vec<BlockDeviceInfo> =
+                    client.execute_as("x-big", json!({"size": args.arg}))?;
+                std::hint::black_box(nodes);
+            }
+        }
+        "big" => {
+            for _ in 0..n {
+                std::hint::black_box(client.execute("x-big", json!({"size": args.arg}))?);
+            }
+        }
+        _ => unreachable!("checked in main"),
+    }
+    Ok(())
+}
+
+async fn workload(client: &Client, args: &Args) -> Result<f64, qmp_tokio::Error> {
     let n = args.n;
     let start = Instant::now();
     match args.workload.as_str() {
@@ -246,7 +371,7 @@ async fn tokio_workload(client: &Client, args: &Args) -> Result<f64, qmp_tokio::
                 }
                 Ok(())
             };
-            let (reply, consumed) = tokio::join!(flood, consume);
+            let (reply, consumed) = futures_util::join!(flood, consume);
             reply?;
             consumed?;
             return Ok(start.elapsed().as_secs_f64());
