@@ -18,7 +18,7 @@ use qmp_proto::{Command, Connection, Greeting, Output, RawJson, RequestId, SendE
 use crate::client::Shared;
 use crate::error::{Disconnect, Error};
 
-/// A byte stream a [`Driver`] can run a connection over. Adapters implement it for their runtime's
+/// A byte stream a connection runs over. Adapters implement it for their runtime's
 /// sockets; the driver calls it from one task only.
 pub trait Transport: Send + 'static {
     /// Reads into `buf`, as `AsyncRead::poll_read`: `Ok(0)` is end of stream.
@@ -91,7 +91,7 @@ const BUDGET: usize = 64;
 /// Size of a socket read.
 const READ_CHUNK: usize = 64 << 10;
 
-/// The connection's task. Run it with [`run`](Self::run) on the runtime of your choice.
+/// The connection's task. Run it with `run` on the runtime of your choice.
 pub(crate) struct Driver<T, S> {
     conn: Connection,
     io: T,
