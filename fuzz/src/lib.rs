@@ -1,0 +1,332 @@
+//! Fuzz harnesses for `qmp-proto`.
+//!
+//! Each public function here is one fuzz target: it takes the fuzzer's bytes, drives the core
+//! with them and panics when an invariant breaks. The cargo-fuzz binaries in `fuzz_targets/` are
+//! three-line wrappers around them, and this crate's own tests run the same functions on every
+//! committed seed (`seeds/<target>/`) and every past crash (`regressions/<target>/`), so a plain
+//! `cargo test` on stable Rust replays them without cargo-fuzz.
+//!
+//! | target | what it checks |
+//! |---|---|
+//! | [`splitter_chunks`] | the splitter gives the same frames and reports for the same bytes fed whole, byte at a time, in arbitrary chunks and all at once; size and depth bounds; every report matches the bytes it came from |
+//! | [`splitter_differential`] | generated JSON values rendered compact, pretty and QEMU style (CRLF) with junk between them: every object the splitter accepts is byte for byte the one rendered and parses to the same value with `serde_json`; nothing is lost or invented |
+//! | [`connection_bytes`] | a connection past a real greeting fed arbitrary bytes: no panic, bounded input buffer and output queue, exactly one outcome per request, `Closed` once and last |
+//! | [`connection_ops`] | operation sequences (sends, cancels, deadlines, a scripted server's replies in any order, id-less errors, junk, partial writes, EOF, close) checked against a reference model of the pending table |
+//!
+//! The inputs are read with [`arbitrary`]: a fixed header first, then the rest (bytes for the
+//! byte-stream targets, a sequence of values or operations for the structured ones). Limits come
+//! from a [`FuzzConfig`] mapped into small ranges so that every limit path is reachable.
+
+mod conn;
+mod ops;
+mod splitter;
+
+#[cfg(test)]
+mod seeds;
+
+use arbitrary::Arbitrary;
+use qmp_proto::Config;
+
+pub use conn::connection_bytes;
+pub use ops::connection_ops;
+pub use splitter::{splitter_chunks, splitter_differential};
+
+/// Names of the targets, as in `fuzz_targets/` and `seeds/`.
+pub const TARGETS: [&str; 4] = [
+    "splitter_chunks",
+    "splitter_differential",
+    "connection_bytes",
+    "connection_ops",
+];
+
+/// Runs the target called `name` on `data`. Panics on an unknown name.
+pub fn run(name: &str, data: &[u8]) {
+    match name {
+        "splitter_chunks" => splitter_chunks(data),
+        "splitter_differential" => splitter_differential(data),
+        "connection_bytes" => connection_bytes(data),
+        "connection_ops" => connection_ops(data),
+        other => panic!("unknown fuzz target {other}"),
+    }
+}
+
+/// Connection limits from a few bytes, mapped into small valid ranges so the fuzzer reaches every
+/// limit instead of wasting time on huge ones.
+#[derive(Debug, Clone, Copy, Arbitrary)]
+pub struct FuzzConfig {
+    /// `max_message_size` = 64 + this % 4033 (64..=4096).
+    pub max_message_size: u16,
+    /// `max_depth` = 2 + this % 15 (2..=16).
+    pub max_depth: u8,
+    /// `max_pending` = 1 + this % 32 (1..=32).
+    pub max_pending: u8,
+    /// `max_in_flight` = 1 + this % 10 (1..=10).
+    pub max_in_flight: u8,
+    /// `max_buffered_outputs` = 1 + this % 16 (1..=16).
+    pub max_buffered_outputs: u8,
+    /// `max_command_size` = 64 + this % 4033 (64..=4096).
+    pub max_command_size: u16,
+    /// `enable_oob`.
+    pub enable_oob: bool,
+    /// `negotiate`.
+    pub negotiate: bool,
+}
+
+impl FuzzConfig {
+    /// The validated configuration.
+    pub fn config(&self) -> Config {
+        Config::builder()
+            .max_message_size(64 + usize::from(self.max_message_size) % 4033)
+            .max_depth(2 + usize::from(self.max_depth) % 15)
+            .max_pending(1 + usize::from(self.max_pending) % 32)
+            .max_in_flight(1 + usize::from(self.max_in_flight) % 10)
+            .max_buffered_outputs(1 + usize::from(self.max_buffered_outputs) % 16)
+            .max_command_size(64 + usize::from(self.max_command_size) % 4033)
+            .enable_oob(self.enable_oob)
+            .negotiate(self.negotiate)
+            .build()
+            .expect("FuzzConfig maps into valid ranges")
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*) for chunk boundaries, so a crash replays exactly.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
+    }
+}
+
+/// Cuts `bytes` into pieces of 1 to `2^(log % 17)` bytes at places drawn from `seed`.
+pub(crate) fn pieces(bytes: &[u8], seed: u32, log: u8) -> Vec<&[u8]> {
+    let max = 1usize << (log % 17);
+    let mut rng = Rng::new(u64::from(seed));
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let n = (1 + rng.below(max)).min(rest.len());
+        out.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    out
+}
+
+/// JSON whitespace, the only bytes the splitter skips silently between values.
+pub(crate) fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// An independent lexical scan of the value starting at `bytes[0]` (`{`, `[` or `"`): the index
+/// just past its end and its deepest nesting, or `None` if it does not end within `bytes`.
+pub(crate) fn lex_value(bytes: &[u8]) -> Option<(usize, usize)> {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escape) = (false, false);
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_string {
+            if escape {
+                escape = false;
+            } else if b == b'\\' {
+                escape = true;
+            } else if b == b'"' {
+                in_string = false;
+                if depth == 0 {
+                    return Some((i + 1, deepest));
+                }
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => {
+                // A closer at depth 0 cannot happen: the value starts with an opener or a quote.
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some((i + 1, deepest));
+                }
+            }
+            _ if depth == 0 => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// How many outputs the connection holds, read from its `Debug` form (there is no getter, and
+/// polling to count would resume paused processing).
+pub(crate) fn queued_outputs(conn: &qmp_proto::Connection) -> usize {
+    let debug = format!("{conn:?}");
+    let rest = debug
+        .split_once("outputs: ")
+        .expect("Connection's Debug shows `outputs`")
+        .1;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().expect("`outputs` is a count")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    fn dir(kind: &str, target: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(kind)
+            .join(target)
+    }
+
+    fn files(kind: &str, target: &str) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(dir(kind, target)) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries
+            .map(|e| e.expect("readable directory").path())
+            .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n != "README.md"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Every committed seed and every past crash, through its harness.
+    #[test]
+    fn replay_seeds_and_regressions() {
+        let mut total = 0;
+        for target in TARGETS {
+            let seeds = files("seeds", target);
+            assert!(!seeds.is_empty(), "no seeds for {target}");
+            for path in seeds.iter().chain(&files("regressions", target)) {
+                let data = std::fs::read(path).expect("readable seed");
+                eprintln!("{target}: {}", path.display());
+                run(target, &data);
+                total += 1;
+            }
+        }
+        eprintln!("replayed {total} inputs");
+    }
+
+    /// A few hundred pseudo-random inputs per target: a smoke run of the harnesses themselves.
+    #[test]
+    fn harnesses_survive_pseudo_random_inputs() {
+        let mut rng = Rng::new(0x0f22);
+        for target in TARGETS {
+            for _ in 0..300 {
+                let len = rng.below(600);
+                let data: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();
+                run(target, &data);
+            }
+        }
+    }
+
+    /// What the main connection seeds reach, so a seed that silently stopped doing its job (after
+    /// a change to an input format) shows up.
+    #[test]
+    fn seeds_reach_what_they_are_for() {
+        let read = |target: &str, name: &str| {
+            std::fs::read(dir("seeds", target).join(name)).expect("readable seed")
+        };
+        let count = |s: &conn::Summary, kind: &str| s.outcomes.get(kind).copied().unwrap_or(0);
+
+        for name in ["qsd-10.0-compact", "qsd-10.0-pretty"] {
+            let s = conn::run_bytes(&read("connection_bytes", name)).expect("a header");
+            assert_eq!(s.ready, Some(true), "{name}: {s:?}");
+            assert!(
+                count(&s, "ok") >= 6 && count(&s, "qmp") >= 2,
+                "{name}: {s:?}"
+            );
+            assert_eq!(s.events, 9, "{name}: {s:?}");
+        }
+        let s = conn::run_bytes(&read("connection_bytes", "idless-cascade")).expect("a header");
+        assert_eq!(count(&s, "ok"), 1, "{s:?}");
+
+        let s = ops::run_ops(&read("connection_ops", "session")).expect("a header");
+        assert_eq!(
+            (count(&s, "ok"), count(&s, "qmp"), s.events),
+            (2, 1, 2),
+            "{s:?}"
+        );
+        let s = ops::run_ops(&read("connection_ops", "deadlines-and-cancels")).expect("a header");
+        for kind in ["cancelled", "ok", "timed out", "too deep", "too large"] {
+            assert!(count(&s, kind) >= 1, "{kind}: {s:?}");
+        }
+        let s = ops::run_ops(&read("connection_ops", "oob-unavailable")).expect("a header");
+        assert_eq!(count(&s, "oob unavailable"), 1, "{s:?}");
+        let s = ops::run_ops(&read("connection_ops", "bad-greeting")).expect("a header");
+        assert!(
+            matches!(
+                s.closed,
+                Some(qmp_proto::CloseReason::Protocol(
+                    qmp_proto::ProtocolError::BadGreeting(_)
+                ))
+            ),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn lex_value_finds_the_end_and_depth() {
+        assert_eq!(lex_value(b"{}"), Some((2, 1)));
+        assert_eq!(lex_value(br#"{"a": [1, "]"]} x"#), Some((15, 2)));
+        assert_eq!(lex_value(br#""a\"b" x"#), Some((6, 0)));
+        assert_eq!(lex_value(b"{\"a\": 1"), None);
+    }
+
+    #[test]
+    fn fuzz_config_covers_the_intended_ranges() {
+        let lo = FuzzConfig {
+            max_message_size: 0,
+            max_depth: 0,
+            max_pending: 0,
+            max_in_flight: 0,
+            max_buffered_outputs: 0,
+            max_command_size: 0,
+            enable_oob: false,
+            negotiate: false,
+        }
+        .config();
+        assert_eq!(
+            (lo.max_message_size(), lo.max_depth(), lo.max_pending()),
+            (64, 2, 1)
+        );
+        let hi = FuzzConfig {
+            max_message_size: 4032,
+            max_depth: 14,
+            max_pending: 31,
+            max_in_flight: 9,
+            max_buffered_outputs: 15,
+            max_command_size: 4032,
+            enable_oob: true,
+            negotiate: true,
+        }
+        .config();
+        assert_eq!(
+            (
+                hi.max_message_size(),
+                hi.max_depth(),
+                hi.max_pending(),
+                hi.max_in_flight(),
+                hi.max_buffered_outputs()
+            ),
+            (4096, 16, 32, 10, 16)
+        );
+    }
+
+    /// Rewrites `seeds/` from the real captures and the scripted scenarios in `seeds.rs`:
+    /// `cargo test -p qmp-proto-fuzz -- --ignored write_seeds`.
+    #[test]
+    #[ignore = "writes files; run by hand when the seed formats change"]
+    fn write_seeds() {
+        seeds::write_all(Path::new(env!("CARGO_MANIFEST_DIR")));
+    }
+}
