@@ -1,7 +1,7 @@
 //! Just enough of an executor to run a connection's task on a thread with `poll(2)`, and to block
 //! a calling thread on a future.
 
-use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, Once, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -94,7 +94,9 @@ pub(crate) fn parts(io: Io) -> io::Result<(PollTransport, PollTimer, Arc<PollRun
         PollTimer {
             shared: Arc::clone(&shared),
         },
-        Arc::new(PollRuntime { shared }),
+        Arc::new(PollRuntime {
+            shared: Mutex::new(Some(shared)),
+        }),
     ))
 }
 
@@ -174,13 +176,22 @@ impl Timer for PollTimer {
     }
 }
 
+/// Hands the connection's state to the thread it spawns and keeps nothing: once that thread
+/// ends, the socket's descriptors close even while client handles (which hold the runtime) live.
 pub(crate) struct PollRuntime {
-    shared: Arc<Shared>,
+    shared: Mutex<Option<Arc<Shared>>>,
 }
 
 impl Runtime for PollRuntime {
     fn spawn(&self, future: BoxFuture) {
-        let shared = Arc::clone(&self.shared);
+        let Some(shared) = self
+            .shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return; // One connection, one task: nothing else is ever spawned here.
+        };
         // If no thread can be had the task is dropped, and `connect` reports the connection closed.
         let _ = thread::Builder::new()
             .name("qmp-connection".into())
@@ -190,7 +201,7 @@ impl Runtime for PollRuntime {
     fn sleep(&self, duration: Duration) -> BoxFuture {
         Box::pin(Sleep {
             at: Instant::now() + duration,
-            helper: None,
+            key: None,
         })
     }
 }
@@ -234,7 +245,6 @@ fn run(mut future: BoxFuture, shared: &Arc<Shared>) {
             .unwrap_or_else(PoisonError::into_inner)
             .map(|at| {
                 let d = at.saturating_duration_since(Instant::now());
-                // Round up to whole milliseconds' worth so a deadline is never polled early forever.
                 Timespec {
                     tv_sec: d.as_secs() as i64,
                     tv_nsec: i64::from(d.subsec_nanos()),
@@ -246,21 +256,110 @@ fn run(mut future: BoxFuture, shared: &Arc<Shared>) {
         ];
         // EINTR and friends: just go round again.
         let _ = rustix::event::poll(&mut fds, timeout.as_ref());
-        shared.wake_pending.store(false, Ordering::Release);
+        // Drain before clearing the flag: a wake in between then finds the flag still set and
+        // writes nothing, but the future is polled next anyway. The other order could eat the
+        // byte of a wake that set the flag, leaving the flag set and every later wake silent.
         while matches!((&shared.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
+        shared.wake_pending.store(false, Ordering::Release);
     }
 }
 
-thread_local! {
-    /// Inside [`block_on`]: the earliest time a pending [`Sleep`] wants to be polled again.
-    static PARK_UNTIL: Cell<Option<Option<Instant>>> = const { Cell::new(None) };
+/// One timer thread for the whole process: sleeping futures register their deadline and waker
+/// here, and are woken when it passes (whoever polls them), or forgotten when dropped.
+struct Timers {
+    state: Mutex<TimerState>,
+    changed: Condvar,
 }
 
-/// A timer future for the caller side (connect deadlines, event waits).
+struct TimerState {
+    next_id: u64,
+    due: BTreeMap<(Instant, u64), Waker>,
+}
+
+fn timers() -> &'static Timers {
+    static TIMERS: Timers = Timers {
+        state: Mutex::new(TimerState {
+            next_id: 0,
+            due: BTreeMap::new(),
+        }),
+        changed: Condvar::new(),
+    };
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let _ = thread::Builder::new()
+            .name("qmp-timers".into())
+            .spawn(|| TIMERS.run());
+    });
+    &TIMERS
+}
+
+impl Timers {
+    fn run(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            while let Some(entry) = state.due.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                entry.remove().wake();
+            }
+            let wait = state
+                .due
+                .keys()
+                .next()
+                .map(|&(at, _)| at.saturating_duration_since(now));
+            state = match wait {
+                Some(d) => {
+                    self.changed
+                        .wait_timeout(state, d)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+    }
+
+    /// (Re)registers timer `id` (a new one if `None`) for `at`, returning its id.
+    fn set(&self, id: Option<(Instant, u64)>, at: Instant, waker: &Waker) -> (Instant, u64) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(key) = id {
+            state.due.remove(&key);
+        }
+        let key = (
+            at,
+            id.map_or_else(
+                || {
+                    state.next_id += 1;
+                    state.next_id
+                },
+                |(_, n)| n,
+            ),
+        );
+        state.due.insert(key, waker.clone());
+        drop(state);
+        self.changed.notify_one();
+        key
+    }
+
+    fn cancel(&self, key: (Instant, u64)) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .due
+            .remove(&key);
+    }
+}
+
+/// A timer future for the caller side (connect deadlines, event waits), woken by the shared timer
+/// thread whatever executor polls it.
 struct Sleep {
     at: Instant,
-    /// Outside [`block_on`] (someone polls it from another executor), a thread wakes it.
-    helper: Option<thread::JoinHandle<()>>,
+    key: Option<(Instant, u64)>,
 }
 
 impl Future for Sleep {
@@ -268,24 +367,22 @@ impl Future for Sleep {
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if Instant::now() >= self.at {
+            if let Some(key) = self.key.take() {
+                timers().cancel(key);
+            }
             return Poll::Ready(());
         }
         let at = self.at;
-        let in_block_on = PARK_UNTIL.with(|p| match p.get() {
-            Some(until) => {
-                p.set(Some(Some(until.map_or(at, |u| u.min(at)))));
-                true
-            }
-            None => false,
-        });
-        if !in_block_on && self.helper.is_none() {
-            let waker = cx.waker().clone();
-            self.helper = Some(thread::spawn(move || {
-                thread::sleep(at.saturating_duration_since(Instant::now()));
-                waker.wake();
-            }));
-        }
+        self.key = Some(timers().set(self.key, at, cx.waker()));
         Poll::Pending
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            timers().cancel(key);
+        }
     }
 }
 
@@ -307,17 +404,10 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
     let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
     let mut cx = Context::from_waker(&waker);
-    let outer = PARK_UNTIL.with(|p| p.replace(Some(None)));
-    let output = loop {
-        PARK_UNTIL.with(|p| p.set(Some(None)));
+    loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
-            break output;
+            return output;
         }
-        match PARK_UNTIL.with(Cell::get).flatten() {
-            Some(at) => thread::park_timeout(at.saturating_duration_since(Instant::now())),
-            None => thread::park(),
-        }
-    };
-    PARK_UNTIL.with(|p| p.set(outer));
-    output
+        thread::park();
+    }
 }

@@ -518,9 +518,9 @@ impl Client {
         .await
     }
 
-    /// Closes the connection: what is already queued is written, the socket is shut down, calls
-    /// still waiting fail with [`Disconnect::Local`], and subscriptions end. Every handle sees the
-    /// connection closed.
+    /// Closes the connection: bytes already handed to the transport are written, the socket is
+    /// shut down, calls still waiting (including ones held back for an OOB window slot) fail with
+    /// [`Disconnect::Local`], and subscriptions end. Every handle sees the connection closed.
     pub async fn disconnect(&self) {
         let (done, wait) = oneshot::channel();
         if self.tx.unbounded_send(Request::Close { done }).is_ok() {

@@ -86,6 +86,17 @@ impl std::hash::Hasher for IdHasher {
 
 type IdMap<V> = HashMap<RequestId, V, std::hash::BuildHasherDefault<IdHasher>>;
 
+impl<T, S> Drop for Driver<T, S> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The task was dropped before the connection closed: its runtime shut down, or a
+            // subscriber's predicate panicked on it. Everyone waiting must still hear of the end.
+            let unexpected = io::Error::other("the connection's task ended unexpectedly");
+            self.finish(Disconnect::Io(Arc::new(unexpected)));
+        }
+    }
+}
+
 /// Steps per wake-up before yielding to other tasks, so a flood of input cannot starve them.
 const BUDGET: usize = 64;
 /// Size of a socket read.
@@ -109,6 +120,8 @@ pub(crate) struct Driver<T, S> {
     yielding: Option<crate::client::BoxFuture>,
     /// Closing gracefully: no new requests; write what is queued, shut down, close.
     closing: bool,
+    /// `finish` ran: the close was announced to everyone.
+    finished: bool,
     close_done: Vec<oneshot::Sender<()>>,
 }
 
@@ -136,6 +149,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             yield_now: false,
             yielding: None,
             closing: false,
+            finished: false,
             close_done: Vec::new(),
         }
     }
@@ -143,7 +157,8 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     /// Runs the connection until it closes.
     pub(crate) async fn run(mut self) {
         std::future::poll_fn(|cx| self.poll(cx)).await;
-        self.finish();
+        let reason = self.reason();
+        self.finish(reason);
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -288,10 +303,13 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         if self.conn.queued() == 0 {
             return;
         }
-        let conn = &mut self.conn;
+        let (conn, fds) = (&mut self.conn, &mut self.fds);
         self.waiters.retain(|&id, reply| {
             if reply.is_canceled() {
                 conn.cancel(id);
+                if !conn.fds_needed(id) {
+                    fds.remove(&id);
+                }
                 false
             } else {
                 true
@@ -364,6 +382,10 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                     }
                 }
                 Output::Response { id, result } => {
+                    if !self.conn.fds_needed(id) {
+                        // Timed out or failed before being written: QEMU will never see them.
+                        self.fds.remove(&id);
+                    }
                     let Some(reply) = self.waiters.remove(&id) else {
                         continue;
                     };
@@ -396,11 +418,14 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             }
         }
     }
+}
 
-    /// After the connection closed: refuse what is still queued and release everything.
-    fn finish(&mut self) {
+impl<T, S> Driver<T, S> {
+    /// After the connection closed (or its task died): refuse what is still queued, fail whoever
+    /// still waits, and release everything.
+    fn finish(&mut self, reason: Disconnect) {
+        self.finished = true;
         self.rx.close();
-        let reason = self.reason();
         while let Ok(request) = self.rx.try_recv() {
             if let Request::Execute { reply, .. } = request {
                 let _ = reply.send(Err(Error::Disconnected(reason.clone())));
@@ -408,6 +433,9 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         }
         for (_, reply) in self.waiters.drain() {
             let _ = reply.send(Err(Error::Disconnected(reason.clone())));
+        }
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(Err(Error::Disconnected(reason.clone())));
         }
         self.fds.clear();
         self.shared.set_closed(reason);

@@ -270,6 +270,19 @@ impl Connection {
         s.state != State::Closed && !s.eof && !s.paused
     }
 
+    /// Whether request `id`'s file descriptors are still needed: it was sent
+    /// [`with_fds`](Command::with_fds) and its first byte has not been written yet (it waits in a
+    /// queue or in the transmit buffer). Once this is false an adapter can close its copies, also
+    /// for a request that timed out or was cancelled before it was ever written.
+    pub fn fds_needed(&self, id: RequestId) -> bool {
+        let queued = self
+            .session
+            .pending
+            .get(&id.0)
+            .is_some_and(|e| matches!(e.stage, Stage::Queued { fds: true, .. }));
+        queued || self.session.transmit.has_mark(id)
+    }
+
     /// Whether [`poll_transmit`](Self::poll_transmit) has bytes.
     pub fn wants_write(&self) -> bool {
         self.session.transmit.pending() > 0

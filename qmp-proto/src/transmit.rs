@@ -43,6 +43,11 @@ impl TransmitBuf {
         self.marks.push_back((offset, id));
     }
 
+    /// Whether bytes not yet acknowledged start request `id` with file descriptors.
+    pub(crate) fn has_mark(&self, id: RequestId) -> bool {
+        self.marks.iter().any(|&(_, m)| m == id)
+    }
+
     pub(crate) fn pending(&self) -> usize {
         self.buf.len() - self.pos
     }

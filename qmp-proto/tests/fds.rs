@@ -75,3 +75,42 @@ fn a_command_with_fds_queued_before_the_handshake_keeps_its_mark() {
     let _ = drain(&mut pair.client);
     assert_eq!(pair.client.poll_transmit().unwrap().fds_for, Some(id));
 }
+
+#[test]
+fn fds_are_needed_until_the_first_byte_is_written() {
+    let config = Config::builder()
+        .enable_oob(true)
+        .max_in_flight(1)
+        .build()
+        .unwrap();
+    let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
+    let blocker = pair.execute("hold");
+    let queued = pair.send(
+        Command::new("getfd")
+            .with_fds()
+            .deadline(pair.now + std::time::Duration::from_secs(1)),
+    );
+    assert!(pair.client.fds_needed(queued), "queued behind the window");
+    assert!(!pair.client.fds_needed(blocker), "no fds");
+    // It times out before being written: its descriptors can go.
+    pair.advance(std::time::Duration::from_secs(2));
+    assert!(!pair.client.fds_needed(queued));
+    // One that is in the transmit buffer needs them until its first byte goes out.
+    pair.server.reply_all();
+    pair.drive();
+    let sent = pair.send(Command::new("add-fd").with_fds());
+    assert!(pair.client.fds_needed(sent));
+    assert!(
+        pair.client.cancel(sent),
+        "cancelled while its bytes wait to be written"
+    );
+    assert!(
+        pair.client.fds_needed(sent),
+        "the bytes still go out, so the fds must too"
+    );
+    let t = pair.client.poll_transmit().unwrap();
+    assert_eq!(t.fds_for, Some(sent));
+    let n = t.data.len();
+    pair.client.advance_transmit(n);
+    assert!(!pair.client.fds_needed(sent));
+}

@@ -88,3 +88,44 @@ async fn wrap_any_stream_and_raw_commands() {
         json!("echo-me")
     );
 }
+
+/// Regression: the descriptors of a command that timed out (or was dropped) before it was ever
+/// written were kept open until the connection closed.
+#[tokio::test]
+async fn fds_of_a_command_never_written_are_closed() {
+    let server = qmp_testkit::FakeServer::start(|c| {
+        c.handshake();
+        let _held = c.expect("hold"); // never answered: with OOB on and a window of 1, getfd waits
+        while c.recv().is_some() {}
+    });
+    let config = qmp_tokio::Config::builder()
+        .enable_oob(true)
+        .max_in_flight(1)
+        .build()
+        .unwrap();
+    let client = qmp_tokio::connect(server.path(), Options::new().config(config))
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let c = client.clone();
+        async move { c.execute("hold", ()).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let (reader, writer) = std::io::pipe().unwrap();
+    let quick = client.with_timeout(std::time::Duration::from_millis(100));
+    let result = quick
+        .execute_with_fds("getfd", json!({"fdname": "x"}), vec![OwnedFd::from(writer)])
+        .await;
+    assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
+    // Our copy of the write end is closed: reading the pipe sees end of file.
+    let mut reader = reader;
+    let mut buf = Vec::new();
+    let read =
+        tokio::task::spawn_blocking(move || std::io::Read::read_to_end(&mut reader, &mut buf));
+    let done = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+    assert!(
+        matches!(done, Ok(Ok(Ok(0)))),
+        "the write end is still open: {done:?}"
+    );
+    held.abort();
+}
