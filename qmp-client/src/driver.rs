@@ -99,6 +99,8 @@ impl<T, S> Drop for Driver<T, S> {
 
 /// Steps per wake-up before yielding to other tasks, so a flood of input cannot starve them.
 const BUDGET: usize = 64;
+/// How long a graceful close waits for queued bytes to be written.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Size of a socket read.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -120,6 +122,8 @@ pub(crate) struct Driver<T, S> {
     yielding: Option<crate::client::BoxFuture>,
     /// Closing gracefully: no new requests; write what is queued, shut down, close.
     closing: bool,
+    /// When a graceful close gives up waiting for the peer to take our bytes.
+    close_by: Option<Instant>,
     /// `finish` ran: the close was announced to everyone.
     finished: bool,
     close_done: Vec<oneshot::Sender<()>>,
@@ -149,6 +153,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             yield_now: false,
             yielding: None,
             closing: false,
+            close_by: None,
             finished: false,
             close_done: Vec::new(),
         }
@@ -214,7 +219,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 Poll::Ready(None) => {
                     // Every handle is gone: nobody can send or wait any more.
                     tracing::debug!("last client handle dropped; closing");
-                    self.closing = true;
+                    self.start_closing();
                     progress = true;
                 }
                 Poll::Pending => break,
@@ -246,7 +251,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 }
             }
             Request::Close { done } => {
-                self.closing = true;
+                self.start_closing();
                 self.close_done.push(done);
             }
         }
@@ -340,16 +345,34 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(at) = self.conn.poll_timeout() else {
-            return false;
+        let at = match (self.conn.poll_timeout(), self.close_by) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(at) => at,
+                None => return false,
+            },
         };
         if self.timer.poll_at(cx, at).is_pending() {
             return false;
         }
-        self.reap_cancelled();
         // The timer fired for `at`, so `at` has passed whatever the two clocks' rounding.
-        self.conn.handle_timeout(Instant::now().max(at));
+        let now = Instant::now().max(at);
+        if self.close_by.is_some_and(|by| by <= now) {
+            tracing::debug!("the peer did not take our last bytes in time; closing anyway");
+            self.conn.close();
+            return true;
+        }
+        self.reap_cancelled();
+        self.conn.handle_timeout(now);
         true
+    }
+
+    /// Starts a graceful close: no new requests; what is queued gets [`CLOSE_GRACE`] to be
+    /// written, so a peer that stopped reading cannot hold the close up forever.
+    fn start_closing(&mut self) {
+        self.closing = true;
+        self.close_by
+            .get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
     }
 
     fn fail(&mut self, e: io::Error) {

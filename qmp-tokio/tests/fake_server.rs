@@ -129,3 +129,30 @@ async fn fds_of_a_command_never_written_are_closed() {
     );
     held.abort();
 }
+
+/// A peer that stops reading (a stopped QEMU) cannot hold a graceful close up forever.
+#[tokio::test]
+async fn disconnect_gives_up_on_a_peer_that_stopped_reading() {
+    let server = qmp_testkit::FakeServer::start(|c| {
+        c.handshake();
+        std::thread::sleep(std::time::Duration::from_secs(10));
+    });
+    let client = qmp_tokio::connect(server.path(), Options::new())
+        .await
+        .unwrap();
+    // Far more than the socket buffers hold: the write cannot finish.
+    let big = tokio::spawn({
+        let c = client.clone();
+        async move { c.execute("x", json!({"pad": "x".repeat(8 << 20)})).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(5), client.disconnect())
+        .await
+        .expect("disconnect returned");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "it did wait for the bytes first"
+    );
+    assert!(matches!(big.await.unwrap(), Err(Error::Disconnected(_))));
+}
