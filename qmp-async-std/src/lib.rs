@@ -41,7 +41,7 @@
 use std::io;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer as AsyncTimer};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
-use qmp_client::{BoxFuture, Runtime, Timer, Transport, send_with_fds};
+use qmp_client::{BoxFuture, Runtime, SocketFile, Timer, Transport, send_with_fds};
 
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Client, Command, CommandError, Config, Disconnect, Error,
@@ -137,7 +137,7 @@ pub struct Listener {
 
 #[derive(Debug)]
 enum ListenerKind {
-    Unix(Async<UnixListener>, PathBuf),
+    Unix(Async<UnixListener>, SocketFile),
     Tcp(Async<TcpListener>),
 }
 
@@ -146,7 +146,9 @@ impl Listener {
     /// dropped); an existing file there is an error.
     pub async fn bind(address: impl Into<Address>) -> Result<Self, Error> {
         let inner = match address.into() {
-            Address::Unix(path) => ListenerKind::Unix(Async::<UnixListener>::bind(&path)?, path),
+            Address::Unix(path) => {
+                ListenerKind::Unix(Async::<UnixListener>::bind(&path)?, SocketFile::new(path))
+            }
             Address::Tcp(hostport) => {
                 ListenerKind::Tcp(Async::<TcpListener>::bind(resolve(&hostport)?)?)
             }
@@ -160,7 +162,7 @@ impl Listener {
     /// The unix socket path, if this is a unix listener.
     pub fn path(&self) -> Option<&Path> {
         match &self.inner {
-            ListenerKind::Unix(_, path) => Some(path),
+            ListenerKind::Unix(_, file) => Some(file.path()),
             ListenerKind::Tcp(_) => None,
         }
     }
@@ -185,14 +187,6 @@ impl Listener {
             }
         };
         start(stream, options).await
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let ListenerKind::Unix(_, path) = &self.inner {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 

@@ -43,7 +43,7 @@ use std::io;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,7 @@ use serde_json::Value;
 
 use crate::executor::Io;
 pub use crate::executor::block_on;
+use qmp_client::SocketFile;
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Command, CommandError, Config, Disconnect, Error, Event,
     EventFilter, EventItem, Greeting, Lagged, Options, ProtocolError, QmpError, RawJson, SendError,
@@ -116,7 +117,7 @@ pub struct Listener {
 
 #[derive(Debug)]
 enum ListenerKind {
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, SocketFile),
     Tcp(TcpListener),
 }
 
@@ -125,7 +126,9 @@ impl Listener {
     /// dropped); an existing file there is an error.
     pub fn bind(address: impl Into<Address>) -> Result<Self, Error> {
         let inner = match address.into() {
-            Address::Unix(path) => ListenerKind::Unix(UnixListener::bind(&path)?, path),
+            Address::Unix(path) => {
+                ListenerKind::Unix(UnixListener::bind(&path)?, SocketFile::new(path))
+            }
             Address::Tcp(hostport) => ListenerKind::Tcp(TcpListener::bind(hostport.as_str())?),
             other => {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{other}")).into());
@@ -137,7 +140,7 @@ impl Listener {
     /// The unix socket path, if this is a unix listener.
     pub fn path(&self) -> Option<&Path> {
         match &self.inner {
-            ListenerKind::Unix(_, path) => Some(path),
+            ListenerKind::Unix(_, file) => Some(file.path()),
             ListenerKind::Tcp(_) => None,
         }
     }
@@ -162,14 +165,6 @@ impl Listener {
             }
         };
         start(io, options)
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let ListenerKind::Unix(_, path) = &self.inner {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 

@@ -26,4 +26,4 @@ pub use qmp_proto::{
     self, ArgumentsError, Command, CommandError, Config, Event, Greeting, ProtocolError, QmpError,
     RawJson, SendError, Timestamp, Version,
 };
-pub use unix::{Address, send_with_fds};
+pub use unix::{Address, SocketFile, send_with_fds};

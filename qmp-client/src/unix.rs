@@ -29,6 +29,29 @@ pub fn send_with_fds(socket: impl AsFd, data: &[u8], fds: &[OwnedFd]) -> io::Res
     )?)
 }
 
+/// The path of a unix socket this process bound, removed again when dropped: what the adapters'
+/// `Listener`s hold, so a socket file never outlives its listener.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl SocketFile {
+    /// Takes charge of `path`, which the caller has just bound.
+    pub fn new(path: PathBuf) -> Self {
+        Self(path)
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Where a QMP server listens (or where we listen for QEMU to connect).
 ///
 /// From a string: `unix:PATH` and `tcp:HOST:PORT` say it outright; otherwise anything with a

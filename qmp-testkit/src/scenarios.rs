@@ -211,8 +211,15 @@ pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
     let (tx, rx) = mpsc::channel();
     let peer = path.clone();
     let bound = Box::new(move || tx.send(Qsd::connect_to(&peer)).expect("send"));
-    let client = a.accept(path, Options::new(), bound).await.expect("accept");
+    let client = a
+        .accept(path.clone(), Options::new(), bound)
+        .await
+        .expect("accept");
     let _qsd = rx.recv().expect("started");
+    assert!(
+        !path.exists(),
+        "the listener, dropped after accepting, removed its socket file"
+    );
     assert!(client.execute("query-version", ()).await.is_ok());
 }
 

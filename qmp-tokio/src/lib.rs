@@ -32,13 +32,13 @@
 #![warn(missing_docs, unreachable_pub)]
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use qmp_client::{BoxFuture, Runtime, Timer, Transport, send_with_fds};
+use qmp_client::{BoxFuture, Runtime, SocketFile, Timer, Transport, send_with_fds};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -116,7 +116,7 @@ pub struct Listener {
 
 #[derive(Debug)]
 enum ListenerKind {
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, SocketFile),
     Tcp(TcpListener),
 }
 
@@ -125,7 +125,9 @@ impl Listener {
     /// dropped); an existing file there is an error.
     pub async fn bind(address: impl Into<Address>) -> Result<Self, Error> {
         let inner = match address.into() {
-            Address::Unix(path) => ListenerKind::Unix(UnixListener::bind(&path)?, path),
+            Address::Unix(path) => {
+                ListenerKind::Unix(UnixListener::bind(&path)?, SocketFile::new(path))
+            }
             Address::Tcp(hostport) => {
                 ListenerKind::Tcp(TcpListener::bind(hostport.as_str()).await?)
             }
@@ -139,7 +141,7 @@ impl Listener {
     /// The unix socket path, if this is a unix listener.
     pub fn path(&self) -> Option<&Path> {
         match &self.inner {
-            ListenerKind::Unix(_, path) => Some(path),
+            ListenerKind::Unix(_, file) => Some(file.path()),
             ListenerKind::Tcp(_) => None,
         }
     }
@@ -164,14 +166,6 @@ impl Listener {
             }
         };
         start(stream, options).await
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let ListenerKind::Unix(_, path) = &self.inner {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 
