@@ -293,13 +293,7 @@ impl Subscription {
     /// [`Error::Disconnected`] if the connection closed, [`Error::Lagged`] if events were missed
     /// (the next call carries on after them).
     pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Event, Error> {
-        let sleep = self.shared.runtime.sleep(timeout);
-        match crate::client::race(self.recv(), sleep).await {
-            Some(Some(Ok(event))) => Ok(event),
-            Some(Some(Err(Lagged { missed }))) => Err(Error::Lagged { missed }),
-            Some(None) => Err(Error::Disconnected(self.shared.disconnect_reason())),
-            None => Err(Error::Timeout),
-        }
+        self.wait_for(&EventFilter::all(), timeout).await
     }
 
     /// The next event that also passes `filter`, within `timeout`; events that do not pass are
