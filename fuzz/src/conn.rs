@@ -63,6 +63,8 @@ pub(crate) struct Tracker {
     pushed: usize,
     /// Whether the adapter drains every output after every step, so the output queue bound holds.
     pub(crate) check_queue: bool,
+    /// A guest-agent connection: no greeting, a `Ready` per resync, no OOB.
+    pub(crate) agent: bool,
 }
 
 impl Tracker {
@@ -79,6 +81,7 @@ impl Tracker {
             eof: false,
             pushed: 0,
             check_queue: true,
+            agent: false,
         }
     }
 
@@ -209,7 +212,7 @@ impl Tracker {
                     }
                     SendError::OobNotEnabled => {
                         assert!(
-                            info.oob && state == State::Ready && !oob_on,
+                            info.oob && (self.agent || state == State::Ready && !oob_on),
                             "{e:?} wrongly"
                         );
                     }
@@ -249,6 +252,10 @@ impl Tracker {
                 assert!(!self.greeted, "a second Greeting output");
                 self.greeted = true;
             }
+            Output::Ready { oob } if self.agent => {
+                assert!(!oob, "OOB on a guest agent");
+                self.ready = Some(oob);
+            }
             Output::Ready { oob } => {
                 assert!(self.greeted, "Ready before the greeting");
                 assert!(self.ready.is_none(), "a second Ready");
@@ -276,9 +283,14 @@ impl Tracker {
                             "request {id} timed out before its deadline"
                         );
                     }
-                    Err(CommandError::Closed) => {
+                    Err(CommandError::Closed | CommandError::NoReply { closed: true }) => {
                         assert!(conn.is_closed(), "Closed outcome on an open connection");
                     }
+                    Err(CommandError::NoReply { closed: false }) => {
+                        let deadline = req.deadline.expect("NoReply without a deadline");
+                        assert!(self.latest_timeout.is_some_and(|t| t >= deadline));
+                    }
+                    Err(CommandError::Resynced) => assert!(self.agent, "Resynced on QMP"),
                     Err(CommandError::OobUnavailable) => {
                         assert!(req.oob && req.before_ready, "OobUnavailable for {req:?}");
                         assert_eq!(self.ready, Some(false), "OobUnavailable with OOB on");

@@ -11,12 +11,14 @@
 //! | [`splitter_chunks`] | the splitter gives the same frames and reports for the same bytes fed whole, byte at a time, in arbitrary chunks and all at once; size and depth bounds; every report matches the bytes it came from |
 //! | [`splitter_differential`] | generated JSON values rendered compact, pretty and QEMU style (CRLF) with junk between them: every object the splitter accepts is byte for byte the one rendered and parses to the same value with `serde_json`; nothing is lost or invented |
 //! | [`connection_bytes`] | a connection past a real greeting fed arbitrary bytes: no panic, bounded input buffer and output queue, exactly one outcome per request, `Closed` once and last |
+//! | [`agent_ops`] | a guest-agent connection under operation sequences (sends, no-reply commands, deadlines, cancels, resyncs, sync replies current and stale, replies with and without ids, arbitrary bytes, EOF): the outcome checks above, one command in flight at most, resyncs well formed |
 //! | [`connection_ops`] | operation sequences (sends, cancels, deadlines, a scripted server's replies in any order, id-less errors, junk, partial writes, EOF, close) checked against a reference model of the pending table |
 //!
 //! The inputs are read with [`arbitrary`]: a fixed header first, then the rest (bytes for the
 //! byte-stream targets, a sequence of values or operations for the structured ones). Limits come
 //! from a [`FuzzConfig`] mapped into small ranges so that every limit path is reachable.
 
+mod agent;
 mod conn;
 mod ops;
 mod splitter;
@@ -27,16 +29,18 @@ mod seeds;
 use arbitrary::Arbitrary;
 use qmp_proto::Config;
 
+pub use agent::agent_ops;
 pub use conn::connection_bytes;
 pub use ops::connection_ops;
 pub use splitter::{splitter_chunks, splitter_differential};
 
 /// Names of the targets, as in `fuzz_targets/` and `seeds/`.
-pub const TARGETS: [&str; 4] = [
+pub const TARGETS: [&str; 5] = [
     "splitter_chunks",
     "splitter_differential",
     "connection_bytes",
     "connection_ops",
+    "agent_ops",
 ];
 
 /// Runs the target called `name` on `data`. Panics on an unknown name.
@@ -46,6 +50,7 @@ pub fn run(name: &str, data: &[u8]) {
         "splitter_differential" => splitter_differential(data),
         "connection_bytes" => connection_bytes(data),
         "connection_ops" => connection_ops(data),
+        "agent_ops" => agent_ops(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }

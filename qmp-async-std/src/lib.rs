@@ -53,14 +53,31 @@ use qmp_client::{BoxFuture, Runtime, SocketFile, Timer, Transport, send_with_fds
 
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Client, Command, CommandError, Config, Disconnect, Error,
-    Event, EventFilter, EventItem, Greeting, Lagged, Options, ProtocolError, QmpError, RawJson,
-    SendError, State, Subscription, Timestamp, Version, qmp_proto,
+    Event, EventFilter, EventItem, Greeting, GuestAgent, Lagged, NoReply, Options, ProtocolError,
+    QmpError, RawJson, SendError, State, Subscription, Timestamp, Version, qmp_proto,
 };
 
 /// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),
 /// and completes the handshake, all within [`Options::connect_timeout`].
 pub async fn connect(address: impl Into<Address>, options: Options) -> Result<Client, Error> {
-    let address = address.into();
+    let (stream, options) = open(address.into(), options).await?;
+    start(stream, options).await
+}
+
+/// Connects to a guest agent (`qemu-ga`) at `address` — the unix socket or `host:port` of the
+/// VM's guest-agent chardev — and resyncs, within [`Options::connect_timeout`]. See
+/// [`GuestAgent`].
+pub async fn connect_guest_agent(
+    address: impl Into<Address>,
+    options: Options,
+) -> Result<GuestAgent, Error> {
+    let (stream, options) = open(address.into(), options).await?;
+    start_guest_agent(stream, options).await
+}
+
+/// Opens a connection to `address` within the connect deadline; returns the options with the
+/// time left of it.
+async fn open(address: Address, options: Options) -> Result<(Stream, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
     let connecting = async {
@@ -87,7 +104,7 @@ pub async fn connect(address: impl Into<Address>, options: Options) -> Result<Cl
         other => other?,
     };
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
-    start(stream, options).await
+    Ok((stream, options))
 }
 
 fn resolve(hostport: &str) -> io::Result<std::net::SocketAddr> {
@@ -115,18 +132,30 @@ where
     start(Stream::Other(Box::new(stream)), options).await
 }
 
+/// Runs a guest-agent client over any `futures-io` byte stream (see [`wrap`]).
+pub async fn wrap_guest_agent<S>(stream: S, options: Options) -> Result<GuestAgent, Error>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    start_guest_agent(Stream::Other(Box::new(stream)), options).await
+}
+
 async fn start(stream: Stream, options: Options) -> Result<Client, Error> {
+    let (transport, timer, runtime) = parts(stream);
+    Client::start(transport, timer, options, runtime).await
+}
+
+async fn start_guest_agent(stream: Stream, options: Options) -> Result<GuestAgent, Error> {
+    let (transport, timer, runtime) = parts(stream);
+    GuestAgent::start(transport, timer, options, runtime).await
+}
+
+fn parts(stream: Stream) -> (AsyncIoTransport, IoTimer, Arc<dyn Runtime>) {
     let timer = IoTimer {
         timer: AsyncTimer::never(),
         at: None,
     };
-    Client::start(
-        AsyncIoTransport(stream),
-        timer,
-        options,
-        Arc::new(AsyncIoRuntime),
-    )
-    .await
+    (AsyncIoTransport(stream), timer, Arc::new(AsyncIoRuntime))
 }
 
 /// A socket QEMU connects to (its `server=off` chardevs): bind, start QEMU, accept.
@@ -178,15 +207,24 @@ impl Listener {
     /// Waits for QEMU to connect (no deadline: it connects when it starts), then completes the
     /// handshake within [`Options::connect_timeout`].
     pub async fn accept(&self, options: Options) -> Result<Client, Error> {
-        let stream = match &self.inner {
+        start(self.accept_stream().await?, options).await
+    }
+
+    /// Waits for QEMU to connect a guest-agent chardev, then resyncs within
+    /// [`Options::connect_timeout`].
+    pub async fn accept_guest_agent(&self, options: Options) -> Result<GuestAgent, Error> {
+        start_guest_agent(self.accept_stream().await?, options).await
+    }
+
+    async fn accept_stream(&self) -> Result<Stream, Error> {
+        Ok(match &self.inner {
             ListenerKind::Unix(l, _) => Stream::Unix(l.accept().await?.0),
             ListenerKind::Tcp(l) => {
                 let s = l.accept().await?.0;
                 s.get_ref().set_nodelay(true)?;
                 Stream::Tcp(s)
             }
-        };
-        start(stream, options).await
+        })
     }
 }
 

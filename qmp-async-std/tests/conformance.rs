@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qmp_async_std::{Client, Error, Options};
+use qmp_async_std::{Client, Error, GuestAgent, Options};
 use qmp_testkit::scenarios::{Adapter, BoxFut};
 
 struct AsyncStd;
@@ -13,6 +13,10 @@ struct AsyncStd;
 impl Adapter for AsyncStd {
     fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
         Box::pin(qmp_async_std::connect(path, options))
+    }
+
+    fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {
+        Box::pin(qmp_async_std::connect_guest_agent(path, options))
     }
 
     fn accept(
@@ -46,6 +50,10 @@ fn on_smol(options: Options) -> Options {
 impl Adapter for Smol {
     fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
         Box::pin(qmp_async_std::connect(path, on_smol(options)))
+    }
+
+    fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {
+        Box::pin(qmp_async_std::connect_guest_agent(path, on_smol(options)))
     }
 
     fn accept(

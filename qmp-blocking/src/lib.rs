@@ -56,16 +56,43 @@ pub use crate::executor::block_on;
 use qmp_client::SocketFile;
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Command, CommandError, Config, Disconnect, Error, Event,
-    EventFilter, EventItem, Greeting, Lagged, Options, ProtocolError, QmpError, RawJson, SendError,
-    State, Timestamp, Version, qmp_proto,
+    EventFilter, EventItem, Greeting, Lagged, NoReply, Options, ProtocolError, QmpError, RawJson,
+    SendError, State, Timestamp, Version, qmp_proto,
 };
 
 /// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),
 /// and completes the handshake, all within [`Options::connect_timeout`].
 pub fn connect(address: impl Into<Address>, options: Options) -> Result<Client, Error> {
+    let (io, options) = open(address.into(), options)?;
+    start(io, options)
+}
+
+/// Connects to a guest agent (`qemu-ga`) at `address` — the unix socket or `host:port` of the
+/// VM's guest-agent chardev — and resyncs, within [`Options::connect_timeout`]. See
+/// [`GuestAgent`].
+///
+/// ```no_run
+/// # fn main() -> Result<(), qmp_blocking::Error> {
+/// use std::time::Duration;
+/// let agent = qmp_blocking::connect_guest_agent("/run/qemu/vm1.qga", qmp_blocking::Options::new())?
+///     .with_timeout(Duration::from_secs(10));
+/// println!("{}", agent.execute("guest-get-osinfo", ())?["pretty-name"]);
+/// # Ok(()) }
+/// ```
+pub fn connect_guest_agent(
+    address: impl Into<Address>,
+    options: Options,
+) -> Result<GuestAgent, Error> {
+    let (io, options) = open(address.into(), options)?;
+    start_guest_agent(io, options)
+}
+
+/// Opens a connection to `address` within the connect deadline; returns the options with the
+/// time left of it.
+fn open(address: Address, options: Options) -> Result<(Io, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
-    let stream = match address.into() {
+    let stream = match address {
         Address::Unix(path) => Io::Unix(UnixStream::connect(path)?),
         Address::Tcp(hostport) => {
             let addr = hostport
@@ -82,7 +109,7 @@ pub fn connect(address: impl Into<Address>, options: Options) -> Result<Client, 
         other => return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{other}")).into()),
     };
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
-    start(stream, options)
+    Ok((stream, options))
 }
 
 /// Runs a client over a connected unix socket (one of a `socketpair`, or inherited). File
@@ -101,12 +128,28 @@ where
     start(Io::Other(Box::new(stream)), options)
 }
 
+/// Runs a guest-agent client over any stream `poll(2)` understands (see [`wrap`]).
+pub fn wrap_guest_agent<S>(stream: S, options: Options) -> Result<GuestAgent, Error>
+where
+    S: io::Read + io::Write + AsFd + Send + 'static,
+{
+    start_guest_agent(Io::Other(Box::new(stream)), options)
+}
+
 fn start(io: Io, options: Options) -> Result<Client, Error> {
     let (transport, timer, runtime) = executor::parts(io)?;
     let inner = block_on(qmp_client::Client::start(
         transport, timer, options, runtime,
     ))?;
     Ok(Client { inner })
+}
+
+fn start_guest_agent(io: Io, options: Options) -> Result<GuestAgent, Error> {
+    let (transport, timer, runtime) = executor::parts(io)?;
+    let inner = block_on(qmp_client::GuestAgent::start(
+        transport, timer, options, runtime,
+    ))?;
+    Ok(GuestAgent { inner })
 }
 
 /// A socket QEMU connects to (its `server=off` chardevs): bind, start QEMU, accept.
@@ -156,15 +199,24 @@ impl Listener {
     /// Waits for QEMU to connect (no deadline), then completes the handshake within
     /// [`Options::connect_timeout`].
     pub fn accept(&self, options: Options) -> Result<Client, Error> {
-        let io = match &self.inner {
+        start(self.accept_stream()?, options)
+    }
+
+    /// Waits for QEMU to connect a guest-agent chardev, then resyncs within
+    /// [`Options::connect_timeout`].
+    pub fn accept_guest_agent(&self, options: Options) -> Result<GuestAgent, Error> {
+        start_guest_agent(self.accept_stream()?, options)
+    }
+
+    fn accept_stream(&self) -> Result<Io, Error> {
+        Ok(match &self.inner {
             ListenerKind::Unix(l, _) => Io::Unix(l.accept()?.0),
             ListenerKind::Tcp(l) => {
                 let s = l.accept()?.0;
                 s.set_nodelay(true)?;
                 Io::Tcp(s)
             }
-        };
-        start(io, options)
+        })
     }
 }
 
@@ -345,5 +397,91 @@ impl Iterator for Subscription {
 
     fn next(&mut self) -> Option<EventItem> {
         self.recv()
+    }
+}
+
+/// A blocking guest-agent client: [`qmp_client::GuestAgent`]'s API with every call waiting for its
+/// answer. Clones share one connection and can be used from any number of threads; commands go
+/// to the agent one at a time.
+#[derive(Clone, Debug)]
+pub struct GuestAgent {
+    inner: qmp_client::GuestAgent,
+}
+
+impl GuestAgent {
+    /// Executes `name` with `arguments` and returns the return value (`{}` for a
+    /// `guest-shutdown` or `guest-suspend-*` that got no reply, as they do on success).
+    pub fn execute(&self, name: &str, arguments: impl Serialize) -> Result<Value, Error> {
+        block_on(self.inner.execute(name, arguments))
+    }
+
+    /// Executes `name` and deserializes the return value into `R`.
+    pub fn execute_as<R: DeserializeOwned>(
+        &self,
+        name: &str,
+        arguments: impl Serialize,
+    ) -> Result<R, Error> {
+        block_on(self.inner.execute_as(name, arguments))
+    }
+
+    /// Executes a pre-built command object; its `id` is replaced by the client's own.
+    pub fn execute_raw(&self, command: Value) -> Result<Value, Error> {
+        block_on(self.inner.execute_raw(command))
+    }
+
+    /// Executes a [`Command`] and returns the return value unparsed.
+    pub fn call(&self, command: Command) -> Result<RawJson, Error> {
+        block_on(self.inner.call(command))
+    }
+
+    /// Executes a command that sends no reply when it succeeds, waiting at most `wait` for an
+    /// error; see [`qmp_client::GuestAgent::execute_no_reply`].
+    pub fn execute_no_reply(
+        &self,
+        name: &str,
+        arguments: impl Serialize,
+        wait: Duration,
+    ) -> Result<NoReply, Error> {
+        block_on(self.inner.execute_no_reply(name, arguments, wait))
+    }
+
+    /// Resynchronises now (`0xFF` and `guest-sync-delimited`); the client already does on
+    /// connect and after every timeout.
+    pub fn resync(&self) -> Result<(), Error> {
+        block_on(self.inner.resync())
+    }
+
+    /// A handle to the same connection whose commands time out after `timeout`.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            inner: self.inner.with_timeout(timeout),
+        }
+    }
+
+    /// A handle to the same connection whose commands never time out.
+    pub fn without_timeout(&self) -> Self {
+        Self {
+            inner: self.inner.without_timeout(),
+        }
+    }
+
+    /// Whether the connection is open or why it closed.
+    pub fn state(&self) -> State {
+        self.inner.state()
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Closes the connection.
+    pub fn disconnect(&self) {
+        block_on(self.inner.disconnect());
+    }
+
+    /// The async handle inside, for code that mixes styles.
+    pub fn as_async(&self) -> &qmp_client::GuestAgent {
+        &self.inner
     }
 }

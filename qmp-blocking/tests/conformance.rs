@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use qmp_blocking::{Error, Options};
-use qmp_client::Client;
+use qmp_client::{Client, GuestAgent};
 use qmp_testkit::scenarios::{Adapter, BoxFut};
 
 struct Blocking;
@@ -13,6 +13,12 @@ struct Blocking;
 impl Adapter for Blocking {
     fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
         Box::pin(async move { qmp_blocking::connect(path, options).map(|c| c.as_async().clone()) })
+    }
+
+    fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {
+        Box::pin(async move {
+            qmp_blocking::connect_guest_agent(path, options).map(|a| a.as_async().clone())
+        })
     }
 
     fn accept(

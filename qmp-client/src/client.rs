@@ -61,7 +61,8 @@ pub trait Runtime: Send + Sync + 'static {
 #[derive(Clone)]
 #[must_use]
 pub struct Options {
-    pub(crate) config: Config,
+    /// `None`: the default for the kind of peer (QMP or guest agent).
+    pub(crate) config: Option<Config>,
     pub(crate) connect_timeout: Duration,
     pub(crate) timeout: Option<Duration>,
     pub(crate) event_buffer: usize,
@@ -85,7 +86,7 @@ impl fmt::Debug for Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            config: Config::default(),
+            config: None,
             connect_timeout: Duration::from_secs(10),
             timeout: None,
             event_buffer: 1024,
@@ -102,9 +103,10 @@ impl Options {
     }
 
     /// Protocol limits and switches (message size, OOB, negotiation, ...); see
-    /// [`qmp_proto::Config`]. Default: [`Config::default`].
+    /// [`qmp_proto::Config`]. Default: [`Config::default`] for QMP, [`Config::guest_agent`] for a
+    /// guest agent.
     pub fn config(mut self, config: Config) -> Self {
-        self.config = config;
+        self.config = Some(config);
         self
     }
 
@@ -207,16 +209,17 @@ impl Shared {
 /// Get one from an adapter: `qmp_tokio::connect`, `qmp_async_std::connect`, ...
 #[derive(Clone)]
 pub struct Client {
-    tx: mpsc::UnboundedSender<Request>,
-    shared: Arc<Shared>,
-    greeting: Arc<Greeting>,
-    timeout: Option<Duration>,
+    pub(crate) tx: mpsc::UnboundedSender<Request>,
+    pub(crate) shared: Arc<Shared>,
+    /// `None` only inside a [`GuestAgent`](crate::GuestAgent), which never exposes it.
+    greeting: Option<Arc<Greeting>>,
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("version", &self.greeting.version)
+            .field("version", &self.greeting.as_ref().map(|g| &g.version))
             .field("oob", &self.oob_enabled())
             .field("timeout", &self.timeout)
             .field("closed", &self.is_closed())
@@ -244,6 +247,18 @@ impl Client {
         options: Options,
         runtime: Arc<dyn Runtime>,
     ) -> Result<Self, Error> {
+        let config = options.config.clone().unwrap_or_default();
+        Self::launch(io, timer, options, runtime, Connection::new(config)).await
+    }
+
+    /// Spawns the driver of `conn` and waits, within the connect timeout, until it is ready.
+    pub(crate) async fn launch<T: Transport, S: Timer>(
+        io: T,
+        timer: S,
+        options: Options,
+        runtime: Arc<dyn Runtime>,
+        conn: Connection,
+    ) -> Result<Self, Error> {
         let (tx, rx) = mpsc::unbounded();
         let (ready_tx, ready_rx) = oneshot::channel();
         let shared = Arc::new(Shared {
@@ -259,7 +274,6 @@ impl Client {
             Some(name) => tracing::debug_span!("qmp", name = %name),
             None => tracing::debug_span!("qmp"),
         };
-        let conn = Connection::new(options.config.clone());
         let driver = Driver::new(conn, io, timer, rx, Arc::clone(&shared), ready_tx);
         let task: BoxFuture = Box::pin(driver.run().instrument(span));
         match &options.spawner {
@@ -274,7 +288,7 @@ impl Client {
             Some(Ok(Ok(greeting))) => Ok(Self {
                 tx,
                 shared,
-                greeting: Arc::new(greeting),
+                greeting: greeting.map(Arc::new),
                 timeout: options.timeout,
             }),
         }
@@ -390,7 +404,11 @@ impl Client {
         }
     }
 
-    async fn submit(&self, mut cmd: Command, fds: Vec<OwnedFd>) -> Result<RawJson, Error> {
+    pub(crate) async fn submit(
+        &self,
+        mut cmd: Command,
+        fds: Vec<OwnedFd>,
+    ) -> Result<RawJson, Error> {
         if let Some(timeout) = self.timeout {
             cmd = cmd.deadline(Instant::now() + timeout);
         }
@@ -440,7 +458,10 @@ impl Client {
 
     /// The server's greeting (version and capabilities).
     pub fn greeting(&self) -> &Greeting {
-        &self.greeting
+        // Only a GuestAgent's inner client has none, and it never calls this.
+        self.greeting
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("a QMP client always has its greeting"))
     }
 
     /// Whether out-of-band execution was negotiated.

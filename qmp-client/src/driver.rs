@@ -61,6 +61,8 @@ pub(crate) enum Request {
     },
     /// Close once what is already queued is written.
     Close { done: oneshot::Sender<()> },
+    /// Guest agent: resync now; `done` fires when it has finished.
+    Resync { done: oneshot::Sender<()> },
 }
 
 pub(crate) type Reply = oneshot::Sender<Result<RawJson, Error>>;
@@ -114,7 +116,9 @@ pub(crate) struct Driver<T, S> {
     waiters: IdMap<Reply>,
     fds: IdMap<Vec<OwnedFd>>,
     buf: Box<[u8]>,
-    ready: Option<oneshot::Sender<Result<Greeting, Error>>>,
+    ready: Option<oneshot::Sender<Result<Option<Greeting>, Error>>>,
+    /// Callers waiting for a guest-agent resync to finish.
+    resyncs: Vec<oneshot::Sender<()>>,
     io_error: Option<Arc<io::Error>>,
     needs_flush: bool,
     /// A subscriber's queue filled up: yield so it can catch up before more is read.
@@ -136,7 +140,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         timer: S,
         rx: mpsc::UnboundedReceiver<Request>,
         shared: Arc<Shared>,
-        ready: oneshot::Sender<Result<Greeting, Error>>,
+        ready: oneshot::Sender<Result<Option<Greeting>, Error>>,
     ) -> Self {
         Self {
             conn,
@@ -148,6 +152,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             fds: IdMap::default(),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
             ready: Some(ready),
+            resyncs: Vec::new(),
             io_error: None,
             needs_flush: false,
             yield_now: false,
@@ -253,6 +258,11 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             Request::Close { done } => {
                 self.start_closing();
                 self.close_done.push(done);
+            }
+            Request::Resync { done } => {
+                if self.conn.resync() {
+                    self.resyncs.push(done);
+                }
             }
         }
     }
@@ -399,9 +409,12 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 Output::Ready { oob } => {
                     tracing::debug!(oob, "ready");
                     self.shared.oob.store(oob, Ordering::Release);
-                    if let (Some(ready), Some(greeting)) = (self.ready.take(), self.conn.greeting())
-                    {
-                        let _ = ready.send(Ok(greeting.clone()));
+                    if let Some(ready) = self.ready.take() {
+                        let _ = ready.send(Ok(self.conn.greeting().cloned()));
+                    }
+                    // A guest agent is ready again after each resync.
+                    for done in self.resyncs.drain(..) {
+                        let _ = done.send(());
                     }
                 }
                 Output::Response { id, result } => {

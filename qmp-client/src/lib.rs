@@ -12,18 +12,20 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+mod agent;
 mod client;
 mod driver;
 mod error;
 mod events;
 mod unix;
 
+pub use agent::{GuestAgent, NoReply};
 pub use client::{AddFdInfo, BoxFuture, Client, Options, Runtime, State};
 pub use driver::{Timer, Transport};
 pub use error::{Disconnect, Error};
 pub use events::{EventFilter, EventItem, Lagged, Subscription};
 pub use qmp_proto::{
-    self, ArgumentsError, Command, CommandError, Config, Event, Greeting, ProtocolError, QmpError,
-    RawJson, SendError, Timestamp, Version,
+    self, ArgumentsError, Command, CommandError, Config, Event, Greeting, NO_SUCCESS_RESPONSE,
+    ProtocolError, QmpError, RawJson, SendError, Timestamp, Version,
 };
 pub use unix::{Address, SocketFile, send_with_fds};

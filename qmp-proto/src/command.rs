@@ -70,6 +70,7 @@ pub struct Command {
     oob: bool,
     deadline: Option<Instant>,
     fds: bool,
+    no_reply: bool,
 }
 
 impl fmt::Debug for Command {
@@ -81,6 +82,7 @@ impl fmt::Debug for Command {
             .field("oob", &self.oob)
             .field("deadline", &self.deadline)
             .field("fds", &self.fds)
+            .field("no_reply", &self.no_reply)
             .finish()
     }
 }
@@ -95,6 +97,7 @@ impl Command {
             oob: false,
             deadline: None,
             fds: false,
+            no_reply: false,
         }
     }
 
@@ -175,6 +178,23 @@ impl Command {
     pub fn with_fds(mut self) -> Self {
         self.fds = true;
         self
+    }
+
+    /// Marks a command that sends no response when it succeeds, as the guest agent's
+    /// `guest-shutdown` and `guest-suspend-*` (see [`NO_SUCCESS_RESPONSE`](crate::NO_SUCCESS_RESPONSE);
+    /// on a guest-agent connection those are marked automatically). An error response still
+    /// fails it as usual. If the connection closes first, or nothing arrives by its
+    /// [`deadline`](Self::deadline), it completes with
+    /// [`CommandError::NoReply`](crate::CommandError::NoReply): the documented success. Without a
+    /// deadline it waits for the connection to close.
+    pub fn no_reply(mut self) -> Self {
+        self.no_reply = true;
+        self
+    }
+
+    /// Whether the command was marked [`no_reply`](Self::no_reply).
+    pub fn is_no_reply(&self) -> bool {
+        self.no_reply
     }
 
     /// The command name.

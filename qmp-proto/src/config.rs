@@ -21,6 +21,11 @@ pub struct Config {
 /// must never be refused by the parser for depth.
 pub const MAX_DEPTH_LIMIT: usize = 127;
 
+/// The largest reply a guest agent sends: `guest-file-read` of its 48 MiB maximum, base64-encoded
+/// (64 MiB), plus the reply around it. The default `max_message_size` of
+/// [`Config::guest_agent`].
+pub const QGA_MAX_MESSAGE: usize = (64 << 20) + (1 << 20);
+
 /// QEMU's own input limit per message (`MAX_TOKEN_SIZE` in `qobject/json-streamer.c`).
 pub const QEMU_MAX_MESSAGE: usize = 64 << 20;
 
@@ -40,6 +45,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The defaults for a guest agent: as [`Config::default`], but messages up to
+    /// [`QGA_MAX_MESSAGE`], room for the largest `guest-file-read` (48 MiB, base64-encoded).
+    pub fn guest_agent() -> Self {
+        Self {
+            max_message_size: QGA_MAX_MESSAGE,
+            ..Self::default()
+        }
+    }
+
     /// A builder starting from the defaults.
     ///
     /// ```

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde_json::value::RawValue;
 
+use crate::agent::{Agent, NO_SUCCESS_RESPONSE, SENTINEL};
 use crate::command::{Command, RequestId};
 use crate::config::Config;
 use crate::error::{
@@ -27,6 +28,9 @@ pub enum State {
     AwaitingGreeting,
     /// `qmp_capabilities` sent, waiting for its response. Commands sent now are queued.
     Negotiating,
+    /// Guest agent only: a resync (`0xFF`, then `guest-sync-delimited`) is under way; what
+    /// arrives until its reply is discarded. Commands sent now are queued.
+    Syncing,
     /// Commands flow.
     Ready,
     /// Terminal; see [`Connection::close_reason`].
@@ -41,7 +45,8 @@ pub enum Output {
     /// The server's greeting arrived.
     Greeting(Greeting),
     /// The handshake finished; queued commands are being written. `oob` says whether out-of-band
-    /// execution was negotiated.
+    /// execution was negotiated. On a guest-agent connection: a resync finished (the first one
+    /// is the handshake).
     Ready {
         /// Whether OOB is enabled.
         oob: bool,
@@ -87,6 +92,10 @@ pub struct Stats {
     pub late: u64,
     /// Bytes passed to [`Connection::handle_input`] after the connection closed, ignored.
     pub ignored_after_close: u64,
+    /// Guest agent: resyncs completed.
+    pub syncs: u64,
+    /// Guest agent: messages and junk discarded while a resync was under way.
+    pub discarded: u64,
 }
 
 /// One QMP connection, without any IO: bytes in, outputs out, bytes to send in a buffer you drain.
@@ -158,14 +167,26 @@ struct Session {
     truncated: Option<usize>,
     close_reason: Option<CloseReason>,
     stats: Stats,
+    /// Set on a guest-agent connection.
+    agent: Option<Agent>,
 }
 
 struct Entry {
     oob: bool,
+    /// Sent [`Command::no_reply`]: silence until the deadline, or EOF, is its success.
+    no_reply: bool,
     deadline: Option<Instant>,
     /// A user-sent `qmp_capabilities` asking for OOB.
     enables_oob: bool,
     stage: Stage,
+}
+
+/// What [`Session::abandon`] gave up.
+enum Abandoned {
+    /// A request never written: nothing of it reaches the peer.
+    Unwritten,
+    /// A written request, whose reply may still arrive.
+    Written { no_reply: bool },
 }
 
 enum Stage {
@@ -222,8 +243,50 @@ impl Connection {
                 truncated: None,
                 close_reason: None,
                 stats: Stats::default(),
+                agent: None,
             },
         }
+    }
+
+    /// A connection to a guest agent (`qemu-ga`), which speaks QMP's wire format without its
+    /// session: no greeting, no negotiation, no events, no OOB, one command at a time.
+    ///
+    /// The connection starts with a resync — the `0xFF` byte that resets the agent's parser,
+    /// then `guest-sync-delimited` with a fresh id — and discards everything until the reply
+    /// carrying that id (a late reply left by an earlier client, the agent's complaint about the
+    /// `0xFF`), then outputs [`Output::Ready`]. It resyncs the same way whenever a written
+    /// command times out or is cancelled, so a late reply can never be taken for the next
+    /// command's. Replies are matched by id, or, from agents that do not echo ids, by order.
+    ///
+    /// `sync_seed` seeds the sync ids: pass a random number, so that a stale sync reply meant for
+    /// another client cannot match ours. The `Config`'s OOB and negotiation switches do not apply.
+    ///
+    /// ```
+    /// use qmp_proto::{Command, Config, Connection, Output};
+    ///
+    /// let mut conn = Connection::new_guest_agent(Config::default(), 0x5eed);
+    /// let id = conn.send(Command::new("guest-ping"))?; // queued until the resync is done
+    /// let sync = conn.poll_transmit().unwrap().data.to_vec();
+    /// assert!(sync.starts_with(b"\xff{\"execute\":\"guest-sync-delimited\""));
+    /// conn.advance_transmit(sync.len());
+    ///
+    /// // The agent complains about the 0xFF, then answers the sync, delimited by 0xFF.
+    /// let sync_id = conn.sync_id().unwrap();
+    /// conn.handle_input(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"stray\"}}\n");
+    /// conn.handle_input(b"\xff");
+    /// conn.handle_input(format!("{{\"return\": {sync_id}}}\n").as_bytes());
+    /// assert_eq!(conn.poll_output(), Some(Output::Ready { oob: false }));
+    ///
+    /// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"guest-ping\",\"id\":1}\n");
+    /// conn.handle_input(b"{\"return\": {}}\n"); // an old agent: no id echoed, matched by order
+    /// assert!(matches!(conn.poll_output(), Some(Output::Response { id: got, result: Ok(_) }) if got == id));
+    /// # Ok::<(), qmp_proto::SendError>(())
+    /// ```
+    pub fn new_guest_agent(config: Config, sync_seed: u64) -> Self {
+        let mut conn = Self::new(config);
+        conn.session.agent = Some(Agent::new(sync_seed));
+        conn.session.start_sync();
+        conn
     }
 
     // --- Getters -------------------------------------------------------------------------------
@@ -241,6 +304,16 @@ impl Connection {
     /// The server's greeting, once it has arrived.
     pub fn greeting(&self) -> Option<&Greeting> {
         self.session.greeting.as_ref()
+    }
+
+    /// Guest agent: the id of the resync under way, if one is.
+    pub fn sync_id(&self) -> Option<i64> {
+        self.session.agent.as_ref().and_then(|a| a.syncing)
+    }
+
+    /// Whether this is a guest-agent connection ([`new_guest_agent`](Self::new_guest_agent)).
+    pub fn is_guest_agent(&self) -> bool {
+        self.session.agent.is_some()
     }
 
     /// Whether out-of-band execution is negotiated.
@@ -358,6 +431,19 @@ impl Connection {
         self.session.cancel(id.0)
     }
 
+    /// Guest agent: resynchronises now (see [`new_guest_agent`](Self::new_guest_agent)), for
+    /// when the caller has reason to distrust the stream. Requests in flight fail with
+    /// [`CommandError::Resynced`]; queued ones are written once [`Output::Ready`] says the resync
+    /// finished. Returns false, doing nothing, on a QMP connection or once closed.
+    pub fn resync(&mut self) -> bool {
+        let s = &mut self.session;
+        if s.agent.is_none() || s.state == State::Closed {
+            return false;
+        }
+        s.start_sync();
+        true
+    }
+
     /// Closes the connection locally: every pending request fails with [`CommandError::Closed`],
     /// then [`Output::Closed`]`(`[`CloseReason::Local`]`)` follows. Unwritten bytes are dropped.
     pub fn close(&mut self) {
@@ -428,7 +514,16 @@ impl Session {
         self.outputs.push_back(output);
     }
 
+    /// Whether a guest-agent resync is under way (everything received is then discarded).
+    fn syncing(&self) -> bool {
+        self.agent.as_ref().is_some_and(|a| a.syncing.is_some())
+    }
+
     fn malformed(&mut self, kind: MalformedKind, bytes: &[u8]) {
+        if self.syncing() {
+            self.stats.discarded += 1;
+            return;
+        }
         self.stats.malformed += 1;
         self.output(Output::Malformed(Malformed {
             kind,
@@ -437,20 +532,34 @@ impl Session {
     }
 
     fn on_frame_error(&mut self, e: FrameError) {
-        let kind = match e {
-            FrameError::TooLarge { size, id: Some(id) } if self.awaits(id) => {
+        let answers = match e {
+            FrameError::TooLarge { id, .. } | FrameError::TooDeep { id, .. } => {
+                self.answered_by(id)
+            }
+            _ => None,
+        };
+        let kind = match (e, answers) {
+            (FrameError::TooLarge { size, .. }, Some(id)) => {
                 return self.finish(id, Err(CommandError::ResponseTooLarge { size }));
             }
-            FrameError::TooDeep { size, id: Some(id) } if self.awaits(id) => {
+            (FrameError::TooDeep { size, .. }, Some(id)) => {
                 return self.finish(id, Err(CommandError::ResponseTooDeep { size }));
             }
-            FrameError::TooLarge { size, .. } => MalformedKind::TooLarge { size },
-            FrameError::TooDeep { size, .. } => MalformedKind::TooDeep { size },
-            FrameError::NotAnObject { size } => MalformedKind::NotAnObject { size },
-            FrameError::UnexpectedBytes { len, head } => {
+            (FrameError::UnexpectedBytes { len, ref head }, _)
+                if self.agent.is_some()
+                    && len == head.len()
+                    && head.iter().all(|&b| b == SENTINEL) =>
+            {
+                // The guest agent's delimiter before a sync reply: expected, not junk.
+                return;
+            }
+            (FrameError::TooLarge { size, .. }, _) => MalformedKind::TooLarge { size },
+            (FrameError::TooDeep { size, .. }, _) => MalformedKind::TooDeep { size },
+            (FrameError::NotAnObject { size }, _) => MalformedKind::NotAnObject { size },
+            (FrameError::UnexpectedBytes { len, head }, _) => {
                 return self.malformed(MalformedKind::UnexpectedBytes { len }, &head);
             }
-            FrameError::Truncated { len } => {
+            (FrameError::Truncated { len }, _) => {
                 self.truncated = Some(len);
                 return;
             }
@@ -470,6 +579,17 @@ impl Session {
                 return self.malformed(MalformedKind::InvalidJson { reason }, frame);
             }
         };
+        if let Some(agent) = &self.agent
+            && agent.syncing.is_some()
+        {
+            if m.error.is_none() && m.ret.is_some_and(|r| agent.is_sync_reply(r.get())) {
+                return self.sync_done();
+            }
+            // A late reply to something given up, a stale sync reply, the agent's complaint
+            // about the 0xFF: whatever it is, it predates our sync.
+            self.stats.discarded += 1;
+            return;
+        }
         let is_message = m.ret.is_some() || m.error.is_some() || m.event.is_some();
         if let (Some(qmp), false) = (m.qmp, is_message) {
             return self.on_greeting(qmp, frame);
@@ -560,7 +680,11 @@ impl Session {
                 Err(e) => self.close(ProtocolError::NegotiationRejected(e).into()),
             };
         }
-        match m.numeric_id().filter(|&id| self.awaits(id)) {
+        let id = match m.id {
+            Some(_) => m.numeric_id().filter(|&id| self.awaits(id)),
+            None => self.answered_by(None),
+        };
+        match id {
             Some(id) => {
                 let result = result.map(RawJson::from_raw).map_err(CommandError::Qmp);
                 self.finish(id, result);
@@ -573,6 +697,22 @@ impl Session {
                 };
                 self.output(Output::Unmatched(unmatched));
             }
+        }
+    }
+
+    /// The request a response (or an unreadable one, by its sniffed id) answers. Without an id:
+    /// on a guest-agent connection the one command in flight (old agents do not echo ids, and
+    /// the agent answers in order); on QMP nothing, as QEMU's id-less errors are about input it
+    /// could not parse, not about any request.
+    fn answered_by(&self, id: Option<u64>) -> Option<u64> {
+        match id {
+            Some(id) => self.awaits(id).then_some(id),
+            None if self.agent.is_some() && self.state == State::Ready => self
+                .pending
+                .iter()
+                .find(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
+                .map(|(&id, _)| id),
+            None => None,
         }
     }
 
@@ -616,6 +756,9 @@ impl Session {
             (State::AwaitingGreeting | State::Negotiating, _) => {
                 ProtocolError::EofDuringHandshake.into()
             }
+            (State::Syncing, _) if self.stats.syncs == 0 => {
+                ProtocolError::EofDuringHandshake.into()
+            }
             (_, Some(buffered)) => ProtocolError::UnexpectedEof { buffered }.into(),
             _ => CloseReason::PeerClosed,
         };
@@ -631,9 +774,11 @@ impl Session {
                 limit: self.config.max_pending,
             });
         }
-        if cmd.is_oob() && self.state == State::Ready && !self.oob {
+        if cmd.is_oob() && (self.agent.is_some() || self.state == State::Ready && !self.oob) {
             return Err(SendError::OobNotEnabled);
         }
+        let no_reply =
+            cmd.is_no_reply() || self.agent.is_some() && NO_SUCCESS_RESPONSE.contains(&cmd.name());
         let id = self.next_id;
         let next_id = id.checked_add(1).ok_or(SendError::IdsExhausted)?;
         let oob = cmd.is_oob();
@@ -680,6 +825,7 @@ impl Session {
         }
         let entry = Entry {
             oob,
+            no_reply,
             deadline,
             enables_oob: cmd.enables_oob(),
             stage,
@@ -688,9 +834,13 @@ impl Session {
         Ok(RequestId(id))
     }
 
-    /// How many in-band requests may be in flight: QEMU's queue depth with OOB, else no limit.
+    /// How many in-band requests may be in flight: QEMU's queue depth with OOB, else no limit. A
+    /// guest agent gets one at a time: replies from agents that do not echo ids can only be
+    /// matched by order, and a command that never replies must not hold others' replies hostage.
     fn window(&self) -> usize {
-        if self.oob {
+        if self.agent.is_some() {
+            1
+        } else if self.oob {
             self.config.max_in_flight
         } else {
             usize::MAX
@@ -741,11 +891,10 @@ impl Session {
         });
     }
 
-    /// Stops waiting for request `id` without outputting anything. Returns false if unknown.
-    fn abandon(&mut self, id: u64) -> bool {
-        let Some(e) = self.pending.get_mut(&id) else {
-            return false;
-        };
+    /// Stops waiting for request `id` without outputting anything. Returns what it was, or
+    /// `None` if unknown or already abandoned.
+    fn abandon(&mut self, id: u64) -> Option<Abandoned> {
+        let e = self.pending.get_mut(&id)?;
         if let Some(at) = e.deadline.take() {
             self.deadlines.remove(&(at, id));
         }
@@ -753,34 +902,106 @@ impl Session {
             Stage::Queued { .. } => {
                 self.pending.remove(&id);
                 self.queue.retain(|&q| q != id);
+                Some(Abandoned::Unwritten)
             }
             Stage::InFlight => {
                 e.stage = Stage::Abandoned;
                 self.abandoned += 1;
+                Some(Abandoned::Written {
+                    no_reply: e.no_reply,
+                })
             }
-            Stage::Abandoned => return false,
+            Stage::Abandoned => None,
         }
-        true
     }
 
     fn cancel(&mut self, id: u64) -> bool {
-        self.state != State::Closed && self.abandon(id)
+        if self.state == State::Closed {
+            return false;
+        }
+        match self.abandon(id) {
+            None => false,
+            Some(what) => {
+                if matches!(what, Abandoned::Written { .. }) && self.agent.is_some() {
+                    // Its reply may still come; only a resync can tell it from the next one's.
+                    self.start_sync();
+                }
+                true
+            }
+        }
     }
 
     fn expire(&mut self, now: Instant) {
+        let mut resync = false;
         while self.deadlines.first().is_some_and(|&(at, _)| at <= now) {
             let Some((_, id)) = self.deadlines.pop_first() else {
                 break;
             };
-            if self.abandon(id) {
-                self.stats.timed_out += 1;
+            let (result, written) = match self.abandon(id) {
+                None => continue,
+                // Silence was its success; an error may still come, so it is resynced past too.
+                Some(Abandoned::Written { no_reply: true }) => {
+                    (Err(CommandError::NoReply { closed: false }), true)
+                }
+                Some(what) => {
+                    self.stats.timed_out += 1;
+                    (
+                        Err(CommandError::TimedOut),
+                        matches!(what, Abandoned::Written { .. }),
+                    )
+                }
+            };
+            // A resync under way may have been lost (a guest agent restarting): start it over.
+            resync |= written || self.syncing();
+            self.output(Output::Response {
+                id: RequestId(id),
+                result,
+            });
+        }
+        if resync && self.agent.is_some() && self.state != State::Closed {
+            self.start_sync();
+        }
+        self.pump();
+    }
+
+    /// Guest agent: gives up everything in flight and sends `0xFF` + `guest-sync-delimited`.
+    fn start_sync(&mut self) {
+        let in_flight: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in in_flight {
+            let Some(e) = self.pending.remove(&id) else {
+                continue;
+            };
+            if let Some(at) = e.deadline {
+                self.deadlines.remove(&(at, id));
+            }
+            if matches!(e.stage, Stage::Abandoned) {
+                self.abandoned -= 1;
+            } else {
                 self.output(Output::Response {
                     id: RequestId(id),
-                    result: Err(CommandError::TimedOut),
+                    result: Err(CommandError::Resynced),
                 });
             }
         }
-        self.pump();
+        self.in_band_in_flight = 0;
+        let Some(agent) = &mut self.agent else {
+            return;
+        };
+        agent.start_sync(self.transmit.buf());
+        self.state = State::Syncing;
+    }
+
+    fn sync_done(&mut self) {
+        if let Some(agent) = &mut self.agent {
+            agent.syncing = None;
+        }
+        self.stats.syncs += 1;
+        self.become_ready(false);
     }
 
     fn close(&mut self, reason: CloseReason) {
@@ -788,13 +1009,22 @@ impl Session {
             return;
         }
         self.state = State::Closed;
+        if let Some(agent) = &mut self.agent {
+            agent.syncing = None;
+        }
         for (id, e) in std::mem::take(&mut self.pending) {
-            if !matches!(e.stage, Stage::Abandoned) {
-                self.output(Output::Response {
-                    id: RequestId(id),
-                    result: Err(CommandError::Closed),
-                });
-            }
+            let result = match e.stage {
+                Stage::Abandoned => continue,
+                // The guest went down, as it does when such a command succeeds.
+                Stage::InFlight if e.no_reply && self.eof => {
+                    Err(CommandError::NoReply { closed: true })
+                }
+                _ => Err(CommandError::Closed),
+            };
+            self.output(Output::Response {
+                id: RequestId(id),
+                result,
+            });
         }
         self.queue.clear();
         self.deadlines.clear();

@@ -108,6 +108,19 @@ pub enum CommandError {
     /// negotiated. It was never written.
     #[error("out-of-band execution was requested but not negotiated")]
     OobUnavailable,
+    /// A command sent [`no_reply`](crate::Command::no_reply) got no response: the peer closed
+    /// the connection (`closed`), or stayed silent until the command's deadline. For the guest
+    /// agent's `guest-shutdown` and `guest-suspend-*` this is what success looks like.
+    #[error("no response (expected for this command on success): {}", if *.closed { "the peer closed the connection" } else { "nothing arrived by the deadline" })]
+    NoReply {
+        /// The peer closed the connection (the guest went down), rather than staying silent.
+        closed: bool,
+    },
+    /// [`Connection::resync`](crate::Connection::resync) started a guest-agent resync while
+    /// this request was in flight: its response can no longer be told apart from stale ones, so
+    /// it is given up. The command may or may not have run.
+    #[error("given up by a resync of the guest agent connection; it may or may not have run")]
+    Resynced,
 }
 
 /// Why the session ended. Sticky: see [`Connection::close_reason`](crate::Connection::close_reason).

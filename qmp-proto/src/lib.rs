@@ -73,6 +73,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod agent;
 mod command;
 mod config;
 mod connection;
@@ -82,8 +83,11 @@ mod message;
 mod transmit;
 mod wire;
 
+pub use agent::NO_SUCCESS_RESPONSE;
 pub use command::{Command, RequestId};
-pub use config::{Config, ConfigBuilder, ConfigError, MAX_DEPTH_LIMIT, QEMU_MAX_MESSAGE};
+pub use config::{
+    Config, ConfigBuilder, ConfigError, MAX_DEPTH_LIMIT, QEMU_MAX_MESSAGE, QGA_MAX_MESSAGE,
+};
 pub use connection::{Connection, Output, State, Stats};
 pub use error::{
     ArgumentsError, CloseReason, CommandError, Excerpt, Malformed, MalformedKind, ProtocolError,

@@ -171,6 +171,10 @@ pub struct ServerConn {
     fds: Vec<OwnedFd>,
     /// Render messages like a `pretty=on` monitor.
     pub pretty: bool,
+    /// `0xFF` bytes received (a guest-agent client's resyncs); they are dropped from the input.
+    pub sentinels: usize,
+    /// End messages with `\n` as the guest agent does, instead of QEMU's `\r\n`.
+    pub lf: bool,
 }
 
 impl ServerConn {
@@ -182,6 +186,8 @@ impl ServerConn {
             commands: VecDeque::new(),
             fds: Vec::new(),
             pretty: false,
+            sentinels: 0,
+            lf: false,
         }
     }
 
@@ -208,8 +214,28 @@ impl ServerConn {
         } else {
             msg.to_string()
         };
-        text.push_str("\r\n");
+        text.push_str(if self.lf { "\n" } else { "\r\n" });
         self.send_raw(text.as_bytes());
+    }
+
+    /// Acts as a guest agent answering a resync: reads the `0xFF` and `guest-sync-delimited`
+    /// (skipping commands before it, which a resync supersedes), complains about the `0xFF` as
+    /// qemu-ga does, and replies with the id behind a `0xFF`. Returns the sync id.
+    pub fn agent_sync(&mut self) -> i64 {
+        self.lf = true;
+        let sync = loop {
+            let r = self.recv().expect("EOF while expecting a resync");
+            if r.name() == "guest-sync-delimited" {
+                break r;
+            }
+        };
+        assert!(self.sentinels > 0, "a resync without the 0xFF byte first");
+        let id = sync.arguments()["id"].as_i64().expect("an integer sync id");
+        self.send(&json!({"error": {"class": "GenericError",
+            "desc": "JSON parse error, stray '\u{FFFD}'"}}));
+        self.send_raw(b"\xff");
+        self.send(&json!({ "return": id }));
+        id
     }
 
     /// Sends the greeting, offering `oob` or not.
@@ -241,7 +267,14 @@ impl ServerConn {
             if n == 0 {
                 return None;
             }
-            self.inbox.extend_from_slice(&buf[..n]);
+            for &b in &buf[..n] {
+                // The guest agent's sentinel: never part of JSON, so count and drop it.
+                if b == 0xFF {
+                    self.sentinels += 1;
+                } else {
+                    self.inbox.push(b);
+                }
+            }
             let mut stream = serde_json::Deserializer::from_slice(&self.inbox).into_iter::<Value>();
             let mut consumed = 0;
             let mut got = Vec::new();
@@ -459,4 +492,93 @@ pub fn read_until_eof(stream: &mut UnixStream, timeout: Duration) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = stream.read_to_end(&mut out);
     out
+}
+
+/// A guest agent (`qemu-ga`) started by a test on a unix socket in its own temp dir, with its own
+/// state dir and pidfile. The commands that would shut down or suspend the machine it runs on
+/// are blocked (`-b`), so a test calling them gets the agent's error instead. Dropping it kills it
+/// (only it) and removes the dir.
+pub struct QemuGa {
+    child: Child,
+    dir: TempDir,
+    socket: PathBuf,
+}
+
+impl QemuGa {
+    /// Starts `qemu-ga -m unix-listen` and waits until its socket exists.
+    pub fn start() -> Self {
+        let program = require("qemu-ga", "qemu-guest-agent");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("qga.sock");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("state dir");
+        let child = Command::new(program)
+            .arg("-m")
+            .arg("unix-listen")
+            .arg("-p")
+            .arg(&socket)
+            .arg("-t")
+            .arg(&state)
+            .arg("-f")
+            .arg(dir.path().join("qga.pid"))
+            .arg("-b")
+            .arg(qmp_client::NO_SUCCESS_RESPONSE.join(","))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu-ga");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-ga did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self { child, dir, socket }
+    }
+
+    /// The agent's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A scratch dir that lives as long as the agent (for files it reads and writes).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the agent (`SIGSTOP`) as a stalled guest would: commands wait unread until
+    /// [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [`pause`](Self::pause)d agent go on (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Whether the agent is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for QemuGa {
+    fn drop(&mut self) {
+        // SIGKILL works on a stopped process too.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

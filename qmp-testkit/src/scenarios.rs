@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use qmp_client::{
-    Client, CommandError, Config, Disconnect, Error, EventFilter, Options, ProtocolError,
+    Client, CommandError, Config, Disconnect, Error, EventFilter, GuestAgent, NoReply, Options,
+    ProtocolError,
 };
 use serde_json::{Value, json};
 
-use crate::{FakeServer, GREETING, Qsd, ServerConn};
+use crate::{FakeServer, GREETING, QemuGa, Qsd, ServerConn};
 
 /// A boxed, sendable future.
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -32,6 +33,8 @@ pub trait Adapter: Send + Sync + 'static {
         options: Options,
         bound: Box<dyn FnOnce() + Send>,
     ) -> BoxFut<Result<Client, Error>>;
+    /// Connects to the guest agent at `path`.
+    fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>>;
     /// Sleeps on the adapter's runtime.
     fn sleep(&self, duration: Duration) -> BoxFut<()>;
     /// Runs a scenario to completion on the adapter's runtime.
@@ -711,6 +714,370 @@ pub async fn fake_raw_commands_and_patterns(a: &'static dyn Adapter) {
         .expect("still fine");
 }
 
+// --- Guest agent: real qemu-ga ------------------------------------------------------------------
+
+async fn connect_agent(a: &dyn Adapter, path: &std::path::Path) -> GuestAgent {
+    a.connect_agent(path.to_owned(), Options::new())
+        .await
+        .expect("connect to the guest agent")
+        .with_timeout(Duration::from_secs(10))
+}
+
+/// `guest-ping`, `guest-info`, `guest-get-osinfo` (typed), an unknown command, a command the
+/// agent refuses, and a blocked `guest-shutdown` (an error reply, not silence).
+pub async fn qga_commands_and_errors(a: &'static dyn Adapter) {
+    let mut qga = QemuGa::start();
+    let agent = connect_agent(a, qga.socket()).await;
+    assert_eq!(
+        agent.execute("guest-ping", ()).await.expect("ping"),
+        json!({})
+    );
+    let info = agent.execute("guest-info", ()).await.expect("info");
+    let version = info["version"].as_str().expect("version");
+    assert!(
+        version.chars().next().is_some_and(|c| c.is_ascii_digit()),
+        "{version}"
+    );
+    let commands = info["supported_commands"].as_array().expect("commands");
+    assert!(commands.iter().any(|c| c["name"] == "guest-file-read"));
+    #[derive(serde::Deserialize)]
+    struct OsInfo {
+        id: String,
+        #[serde(rename = "kernel-release")]
+        kernel_release: String,
+    }
+    let os: OsInfo = agent
+        .execute_as("guest-get-osinfo", ())
+        .await
+        .expect("osinfo");
+    assert!(!os.id.is_empty() && !os.kernel_release.is_empty());
+
+    let err = agent.execute("no-such-command", ()).await.unwrap_err();
+    assert!(err.is_qmp_class("CommandNotFound"), "{err:?}");
+    let err = agent
+        .execute(
+            "guest-file-open",
+            json!({"path": "/nonexistent/dir/x", "mode": "r"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Qmp(q) if !q.desc.is_empty()),
+        "{err:?}"
+    );
+    // The test agent blocks guest-shutdown: its error comes back instead of the usual silence.
+    let err = agent
+        .execute_no_reply(
+            "guest-shutdown",
+            json!({"mode": "powerdown"}),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Qmp(q) if q.desc.contains("disabled")),
+        "{err:?}"
+    );
+    // Many callers at once are served one command at a time, each getting its own answer.
+    let answers = join_all((0..20).map(|i| {
+        let agent = agent.clone();
+        async move { agent.execute("guest-sync", json!({ "id": i })).await }
+    }))
+    .await;
+    for (i, answer) in answers.into_iter().enumerate() {
+        assert_eq!(answer.expect("guest-sync"), json!(i));
+    }
+    assert!(agent.resync().await.is_ok());
+    assert_eq!(
+        agent.execute("guest-ping", ()).await.expect("ping"),
+        json!({})
+    );
+    agent.disconnect().await;
+    assert!(agent.is_closed());
+    assert!(qga.is_running(), "qemu-ga survived the session");
+}
+
+/// File open/write/seek/read/close on a temp file, and an 8 MiB read (11 MB of base64).
+pub async fn qga_files_and_large_reads(a: &'static dyn Adapter) {
+    let qga = QemuGa::start();
+    let agent = connect_agent(a, qga.socket()).await;
+    let path = qga.dir().join("file.txt");
+    let h = agent
+        .execute("guest-file-open", json!({"path": path, "mode": "w+"}))
+        .await
+        .expect("open");
+    let written = agent
+        .execute(
+            "guest-file-write",
+            json!({"handle": h, "buf-b64": "aGVsbG8sIGFnZW50"}),
+        )
+        .await
+        .expect("write");
+    assert_eq!(written["count"], 12);
+    agent
+        .execute(
+            "guest-file-seek",
+            json!({"handle": h, "offset": 0, "whence": "set"}),
+        )
+        .await
+        .expect("seek");
+    let read = agent
+        .execute("guest-file-read", json!({"handle": h, "count": 100}))
+        .await
+        .expect("read");
+    assert_eq!(
+        (read["buf-b64"].as_str(), read["eof"].as_bool()),
+        (Some("aGVsbG8sIGFnZW50"), Some(true))
+    );
+    agent
+        .execute("guest-file-close", json!({"handle": h}))
+        .await
+        .expect("close");
+    assert_eq!(std::fs::read(&path).expect("file"), b"hello, agent");
+
+    let big = qga.dir().join("big.bin");
+    let content: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&big, &content).expect("big file");
+    let h = agent
+        .execute("guest-file-open", json!({"path": big, "mode": "r"}))
+        .await
+        .expect("open big");
+    #[derive(serde::Deserialize)]
+    struct Read {
+        count: usize,
+        #[serde(rename = "buf-b64")]
+        buf: String,
+    }
+    let read: Read = agent
+        .execute_as("guest-file-read", json!({"handle": h, "count": 8 << 20}))
+        .await
+        .expect("big read");
+    assert_eq!(read.count, 8 << 20);
+    assert_eq!(read.buf.len(), (8 << 20) / 3 * 4 + 4);
+    assert_eq!(read.buf[..8], base64_prefix(&content[..6]));
+    agent
+        .execute("guest-file-close", json!({"handle": h}))
+        .await
+        .expect("close big");
+    // With a limit below that reply, only that command fails, and the next one works.
+    let small = a.connect_agent(
+        qga.socket().to_owned(),
+        Options::new().config(
+            Config::builder()
+                .max_message_size(1 << 20)
+                .build()
+                .expect("valid"),
+        ),
+    );
+    agent.disconnect().await;
+    let small = small
+        .await
+        .expect("connect")
+        .with_timeout(Duration::from_secs(10));
+    let h = small
+        .execute("guest-file-open", json!({"path": big, "mode": "r"}))
+        .await
+        .expect("open big");
+    let err = small
+        .execute("guest-file-read", json!({"handle": h, "count": 4 << 20}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Command(CommandError::ResponseTooLarge { size }) if size > 4 << 20),
+        "{err:?}"
+    );
+    assert_eq!(
+        small.execute("guest-ping", ()).await.expect("ping"),
+        json!({})
+    );
+    small.disconnect().await;
+}
+
+/// Standard base64 of `bytes` (a multiple of 3 long), for checking a read's start.
+fn base64_prefix(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    bytes
+        .chunks(3)
+        .flat_map(|c| {
+            let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
+            [18, 12, 6, 0].map(|s| ALPHABET[((n >> s) & 63) as usize] as char)
+        })
+        .collect()
+}
+
+/// A command that outlives its client-side timeout (the real agent stalled with `SIGSTOP`): the
+/// client resyncs, the agent's late reply is discarded, and the next command gets its own answer.
+pub async fn qga_resync_after_timeout(a: &'static dyn Adapter) {
+    let qga = QemuGa::start();
+    let agent = connect_agent(a, qga.socket()).await;
+    qga.pause();
+    let quick = agent.with_timeout(Duration::from_millis(300));
+    let err = quick
+        .execute("guest-sync", json!({"id": 999}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout), "{err:?}");
+    // The agent wakes up to our command, then to the resync that followed the timeout: its reply
+    // to the first arrives late, and must not answer the next.
+    qga.resume();
+    let next = agent
+        .execute("guest-sync", json!({"id": 1}))
+        .await
+        .expect("guest-sync");
+    assert_eq!(next, json!(1), "the next command got the late reply");
+    assert_eq!(
+        agent.execute("guest-ping", ()).await.expect("ping"),
+        json!({})
+    );
+    agent.disconnect().await;
+}
+
+// --- Guest agent: fake agents ------------------------------------------------------------------
+
+/// An old agent that echoes no ids: replies are matched by order, one command at a time, even
+/// with many callers at once.
+pub async fn fake_agent_without_ids(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.agent_sync();
+        while let Some(r) = c.recv() {
+            // No id echoed: answer with what the command asked for.
+            let n = r.arguments()["n"].clone();
+            c.send(&json!({ "return": n }));
+        }
+    });
+    let agent = connect_agent(a, server.path()).await;
+    let answers = join_all((0..50).map(|n| {
+        let agent = agent.clone();
+        async move { agent.execute("echo", json!({ "n": n })).await }
+    }))
+    .await;
+    for (n, answer) in answers.into_iter().enumerate() {
+        assert_eq!(answer.expect("echo"), json!(n));
+    }
+    agent.disconnect().await;
+    server.check();
+}
+
+/// Junk, stale replies and a sync reply with the wrong id before ours are discarded; an agent
+/// that never answers our sync makes connect time out.
+pub async fn fake_agent_junk_and_wrong_sync_ids(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.lf = true;
+        let sync = c.expect("guest-sync-delimited");
+        let id = sync.arguments()["id"].as_i64().expect("id");
+        c.send_raw(b"\x01\x02 garbage {\"return\": \"stale\"}\n");
+        c.send(&json!({"return": {"late": true}, "id": 1}));
+        c.send_raw(b"\xff");
+        c.send(&json!({ "return": id ^ 1 }));
+        c.send_raw(b"\xff");
+        c.send(&json!({ "return": id }));
+        let ping = c.expect("guest-ping");
+        c.reply(&ping.command, json!({}));
+        c.serve_forever();
+    });
+    let agent = connect_agent(a, server.path()).await;
+    assert_eq!(
+        agent.execute("guest-ping", ()).await.expect("ping"),
+        json!({})
+    );
+    agent.disconnect().await;
+    server.check();
+
+    let silent = FakeServer::start(|c| {
+        c.lf = true;
+        let _ = c.expect("guest-sync-delimited");
+        c.send(&json!({ "return": 12345 }));
+        c.serve_forever();
+    });
+    let started = std::time::Instant::now();
+    let err = a
+        .connect_agent(
+            silent.path().to_owned(),
+            Options::new().connect_timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A QMP server is not an agent: its greeting does not answer the sync either.
+    let qmp = FakeServer::start(|c| {
+        c.greet(false);
+        c.serve_forever();
+    });
+    let err = a
+        .connect_agent(
+            qmp.path().to_owned(),
+            Options::new().connect_timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout), "{err:?}");
+}
+
+/// `guest-shutdown`, `guest-suspend-*`: EOF or silence is their success; an error still fails;
+/// after silence the client resyncs before the next command.
+pub async fn fake_agent_no_reply_commands(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.agent_sync();
+        // Silence: the client gives up waiting, then resyncs before its next command.
+        let _ = c.expect("guest-suspend-ram");
+        let before = c.sentinels;
+        c.agent_sync();
+        assert_eq!(c.sentinels, before + 1, "the resync starts with 0xFF");
+        let ping = c.expect("guest-ping");
+        c.reply(&ping.command, json!({}));
+        // An error is an error.
+        let hybrid = c.expect("guest-suspend-hybrid");
+        c.reply_error(&hybrid.command, "GenericError", "not supported");
+        // The guest goes down.
+        let shutdown = c.expect("guest-shutdown");
+        assert_eq!(shutdown.arguments()["mode"], "powerdown");
+        c.close();
+    });
+    let agent = connect_agent(a, server.path()).await;
+    let silent = agent
+        .execute_no_reply("guest-suspend-ram", (), Duration::from_millis(200))
+        .await
+        .expect("suspend");
+    assert_eq!(silent, NoReply::Silent);
+    assert_eq!(
+        agent.execute("guest-ping", ()).await.expect("ping"),
+        json!({})
+    );
+    let err = agent
+        .execute_no_reply("guest-suspend-hybrid", (), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Qmp(q) if q.desc == "not supported"),
+        "{err:?}"
+    );
+    // Plain execute knows these commands: the agent hanging up is the `{}` it never sends.
+    let done = agent
+        .execute("guest-shutdown", json!({"mode": "powerdown"}))
+        .await
+        .expect("shutdown");
+    assert_eq!(done, json!({}));
+    assert!(matches!(agent.closed().await, Disconnect::PeerClosed));
+    server.check();
+
+    // And with the detail.
+    let server = FakeServer::start(|c| {
+        c.agent_sync();
+        let _ = c.expect("guest-shutdown");
+        c.close();
+    });
+    let agent = connect_agent(a, server.path()).await;
+    let outcome = agent
+        .execute_no_reply("guest-shutdown", (), Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+    assert_eq!(outcome, NoReply::Closed);
+    server.check();
+}
+
 /// Instantiates the whole conformance suite for an adapter: `conformance!(ADAPTER)` where
 /// `ADAPTER` is a `static` implementing [`Adapter`].
 #[macro_export]
@@ -722,7 +1089,9 @@ macro_rules! conformance {
             fake_fragmented_writes, fake_garbage_pretty_and_cascades, fake_oob_reordering,
             fake_disconnect_mid_reply, fake_event_flood_lag, fake_limits, fake_fd_passing,
             fake_cancel_safety, fake_timeouts, fake_lifecycle, fake_handshake_failures,
-            fake_raw_commands_and_patterns);
+            fake_raw_commands_and_patterns,
+            qga_commands_and_errors, qga_files_and_large_reads, qga_resync_after_timeout,
+            fake_agent_without_ids, fake_agent_junk_and_wrong_sync_ids, fake_agent_no_reply_commands);
     };
     (@tests $adapter:expr; $($name:ident),* $(,)?) => {
         $(

@@ -44,14 +44,43 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Client, Command, CommandError, Config, Disconnect, Error,
-    Event, EventFilter, EventItem, Greeting, Lagged, Options, ProtocolError, QmpError, RawJson,
-    SendError, State, Subscription, Timestamp, Version, qmp_proto,
+    Event, EventFilter, EventItem, Greeting, GuestAgent, Lagged, NoReply, Options, ProtocolError,
+    QmpError, RawJson, SendError, State, Subscription, Timestamp, Version, qmp_proto,
 };
 
 /// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),
 /// and completes the handshake, all within [`Options::connect_timeout`].
 pub async fn connect(address: impl Into<Address>, options: Options) -> Result<Client, Error> {
-    let address = address.into();
+    let (stream, options) = open(address.into(), options).await?;
+    start(stream, options).await
+}
+
+/// Connects to a guest agent (`qemu-ga`) at `address` — the unix socket or `host:port` of the
+/// VM's guest-agent chardev — and resyncs, within [`Options::connect_timeout`]. See
+/// [`GuestAgent`].
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), qmp_tokio::Error> {
+/// use std::time::Duration;
+/// let agent = qmp_tokio::connect_guest_agent("/run/qemu/vm1.qga", qmp_tokio::Options::new())
+///     .await?
+///     .with_timeout(Duration::from_secs(10));
+/// let os = agent.execute("guest-get-osinfo", ()).await?;
+/// println!("{}", os["pretty-name"]);
+/// # Ok(()) }
+/// ```
+pub async fn connect_guest_agent(
+    address: impl Into<Address>,
+    options: Options,
+) -> Result<GuestAgent, Error> {
+    let (stream, options) = open(address.into(), options).await?;
+    start_guest_agent(stream, options).await
+}
+
+/// Opens a connection to `address` within the connect deadline; returns the options with the
+/// time left of it.
+async fn open(address: Address, options: Options) -> Result<(Stream, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
     let stream = tokio::time::timeout(deadline, async {
@@ -72,7 +101,7 @@ pub async fn connect(address: impl Into<Address>, options: Options) -> Result<Cl
     .await
     .map_err(|_| Error::Timeout)??;
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
-    start(stream, options).await
+    Ok((stream, options))
 }
 
 /// Runs a client over a connected unix socket (for example one of a `socketpair`, or inherited).
@@ -90,13 +119,31 @@ where
     start(Stream::Other(Box::new(stream)), options).await
 }
 
+/// Runs a guest-agent client over any byte stream (see [`wrap`]).
+pub async fn wrap_guest_agent<S>(stream: S, options: Options) -> Result<GuestAgent, Error>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    start_guest_agent(Stream::Other(Box::new(stream)), options).await
+}
+
 async fn start(stream: Stream, options: Options) -> Result<Client, Error> {
+    let (transport, timer, runtime) = parts(stream);
+    Client::start(transport, timer, options, runtime).await
+}
+
+async fn start_guest_agent(stream: Stream, options: Options) -> Result<GuestAgent, Error> {
+    let (transport, timer, runtime) = parts(stream);
+    GuestAgent::start(transport, timer, options, runtime).await
+}
+
+fn parts(stream: Stream) -> (TokioTransport, TokioTimer, Arc<dyn Runtime>) {
     let timer = TokioTimer {
         sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
         at: None,
     };
     let runtime = Arc::new(TokioRuntime(tokio::runtime::Handle::current()));
-    Client::start(TokioTransport(stream), timer, options, runtime).await
+    (TokioTransport(stream), timer, runtime)
 }
 
 /// A socket QEMU connects to (its `server=off` chardevs): bind, start QEMU, accept.
@@ -157,15 +204,24 @@ impl Listener {
     /// Waits for QEMU to connect (no deadline: it connects when it starts), then completes the
     /// handshake within [`Options::connect_timeout`].
     pub async fn accept(&self, options: Options) -> Result<Client, Error> {
-        let stream = match &self.inner {
+        start(self.accept_stream().await?, options).await
+    }
+
+    /// Waits for QEMU to connect a guest-agent chardev, then resyncs within
+    /// [`Options::connect_timeout`].
+    pub async fn accept_guest_agent(&self, options: Options) -> Result<GuestAgent, Error> {
+        start_guest_agent(self.accept_stream().await?, options).await
+    }
+
+    async fn accept_stream(&self) -> Result<Stream, Error> {
+        Ok(match &self.inner {
             ListenerKind::Unix(l, _) => Stream::Unix(l.accept().await?.0),
             ListenerKind::Tcp(l) => {
                 let s = l.accept().await?.0;
                 s.set_nodelay(true)?;
                 Stream::Tcp(s)
             }
-        };
-        start(stream, options).await
+        })
     }
 }
 

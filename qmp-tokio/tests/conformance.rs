@@ -4,13 +4,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use qmp_testkit::scenarios::{Adapter, BoxFut};
-use qmp_tokio::{Client, Error, Options};
+use qmp_tokio::{Client, Error, GuestAgent, Options};
 
 struct Tokio;
 
 impl Adapter for Tokio {
     fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
         Box::pin(qmp_tokio::connect(path, options))
+    }
+
+    fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {
+        Box::pin(qmp_tokio::connect_guest_agent(path, options))
     }
 
     fn accept(

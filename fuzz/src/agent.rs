@@ -1,0 +1,192 @@
+//! Target 5: a guest-agent connection under arbitrary operations and bytes.
+
+use std::time::{Duration, Instant};
+
+use arbitrary::{Arbitrary, Unstructured};
+use qmp_proto::{Command, Connection, State};
+
+use crate::FuzzConfig;
+use crate::conn::{CmdInfo, Tracker};
+
+/// The fixed part of an `agent_ops` input.
+#[derive(Debug, Arbitrary)]
+struct AgentHeader {
+    config: FuzzConfig,
+    seed: u64,
+}
+
+/// One step of the application, the transport, the clock or the agent.
+#[derive(Debug, Arbitrary)]
+enum AgentOp {
+    /// `send` a canned command (`cmd % 5`, the last ones never reply on success).
+    Send {
+        cmd: u8,
+        deadline_ms: Option<u8>,
+        oob: bool,
+        no_reply: bool,
+    },
+    /// `cancel` one of the ids `send` returned.
+    Cancel { which: u8 },
+    /// The clock moves on.
+    Advance { ms: u8 },
+    /// The transport takes everything.
+    WriteAll,
+    /// The application asks for a resync.
+    Resync,
+    /// The agent answers the resync under way (after its stray-byte complaint).
+    SyncReply { stale: bool },
+    /// The agent answers the command in flight, with or without echoing its id.
+    Reply { echo_id: bool, error: bool },
+    /// Raw bytes from the agent.
+    Bytes(Vec<u8>),
+    /// The transport reaches EOF.
+    Eof,
+}
+
+const COMMANDS: [&str; 5] = [
+    "guest-ping",
+    "guest-info",
+    "guest-file-read",
+    "guest-shutdown",
+    "guest-suspend-ram",
+];
+
+/// Target 5: a guest-agent connection driven by operations (sends with deadlines or marked
+/// no-reply, cancels, resyncs, the clock, sync replies current and stale, replies with and
+/// without ids, arbitrary bytes, EOF). Checks, besides everything the QMP targets check of
+/// outcomes and memory: never more than one command in flight, nothing written while a resync is
+/// under way except the resync itself, and every resync starts with the `0xFF` byte.
+pub fn agent_ops(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let Ok(h) = AgentHeader::arbitrary(&mut u) else {
+        return;
+    };
+    let config = h.config.config();
+    let mut conn = Connection::new_guest_agent(config.clone(), h.seed);
+    let mut t = Tracker::new(config);
+    t.agent = true;
+    let start = Instant::now();
+    let mut now = start;
+    let mut ids = Vec::new();
+    let mut last_sync = None;
+    while !u.is_empty() {
+        let Ok(op) = AgentOp::arbitrary(&mut u) else {
+            break;
+        };
+        match op {
+            AgentOp::Send {
+                cmd,
+                deadline_ms,
+                oob,
+                no_reply,
+            } => {
+                let deadline = deadline_ms.map(|ms| now + Duration::from_millis(u64::from(ms)));
+                let mut c = Command::new(COMMANDS[usize::from(cmd) % COMMANDS.len()]);
+                if let Some(at) = deadline {
+                    c = c.deadline(at);
+                }
+                if oob {
+                    c = c.oob();
+                }
+                if no_reply {
+                    c = c.no_reply();
+                }
+                let info = CmdInfo {
+                    oob,
+                    fds: false,
+                    deadline,
+                };
+                if let Some(id) = t.send(&mut conn, c, info) {
+                    ids.push(id.get());
+                }
+            }
+            AgentOp::Cancel { which } => {
+                if !ids.is_empty() {
+                    let id = ids[usize::from(which) % ids.len()];
+                    t.cancel(&mut conn, id);
+                }
+            }
+            AgentOp::Advance { ms } => {
+                now += Duration::from_millis(u64::from(ms));
+                t.timeout(&mut conn, now);
+            }
+            AgentOp::WriteAll => {
+                while let Some(tx) = conn.poll_transmit() {
+                    let data = tx.data.to_vec();
+                    check_written(&conn, &data);
+                    conn.advance_transmit(data.len());
+                }
+            }
+            AgentOp::Resync => {
+                let closed = conn.is_closed();
+                assert_eq!(conn.resync(), !closed, "resync verdict");
+            }
+            AgentOp::SyncReply { stale } => {
+                let id = match (stale, conn.sync_id()) {
+                    (true, _) => last_sync.unwrap_or(7),
+                    (false, Some(id)) => id,
+                    (false, None) => continue,
+                };
+                let reply = format!(
+                    "{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"stray\"}}}}\n\u{1}{{\"return\": {id}}}\n"
+                );
+                let bytes: Vec<u8> = reply
+                    .bytes()
+                    .map(|b| if b == 1 { 0xFF } else { b })
+                    .collect();
+                t.input(&mut conn, &bytes);
+            }
+            AgentOp::Reply { echo_id, error } => {
+                let body = if error {
+                    "\"error\": {\"class\": \"GenericError\", \"desc\": \"no\"}"
+                } else {
+                    "\"return\": {}"
+                };
+                let id = ids.last().copied().unwrap_or(1);
+                let reply = if echo_id {
+                    format!("{{{body}, \"id\": {id}}}\n")
+                } else {
+                    format!("{{{body}}}\n")
+                };
+                t.input(&mut conn, reply.as_bytes());
+            }
+            AgentOp::Bytes(bytes) => t.input(&mut conn, &bytes),
+            AgentOp::Eof => t.eof(&mut conn),
+        }
+        last_sync = conn.sync_id().or(last_sync);
+        assert!(
+            conn.in_flight() <= 1,
+            "{} commands in flight",
+            conn.in_flight()
+        );
+        assert_eq!(
+            conn.state() == State::Syncing,
+            conn.sync_id().is_some(),
+            "Syncing state and sync id disagree"
+        );
+        t.drain(&mut conn, None);
+    }
+    t.finish(&mut conn, true);
+}
+
+/// What a guest-agent connection writes: every `0xFF` starts a resync, and every command line is
+/// one JSON object.
+fn check_written(conn: &Connection, data: &[u8]) {
+    for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let text = match line.split_first() {
+            Some((&0xFF, rest)) => {
+                assert!(
+                    rest.starts_with(b"{\"execute\":\"guest-sync-delimited\""),
+                    "0xFF not followed by a resync"
+                );
+                rest
+            }
+            _ => line,
+        };
+        assert!(!text.contains(&0xFF), "0xFF inside a command");
+        let value: serde_json::Value =
+            serde_json::from_slice(text).expect("the client wrote invalid JSON");
+        assert!(value.is_object());
+    }
+    let _ = conn;
+}
