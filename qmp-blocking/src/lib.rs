@@ -475,6 +475,11 @@ impl GuestAgent {
         self.inner.is_closed()
     }
 
+    /// Waits until the connection closes, and says why.
+    pub fn closed(&self) -> Disconnect {
+        block_on(self.inner.closed())
+    }
+
     /// Closes the connection.
     pub fn disconnect(&self) {
         block_on(self.inner.disconnect());

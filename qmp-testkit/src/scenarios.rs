@@ -960,6 +960,36 @@ pub async fn fake_agent_without_ids(a: &'static dyn Adapter) {
     server.check();
 }
 
+/// A caller that drops its call (its own timeout, not the client's) while the agent sits on the
+/// command: the next command does not wait behind it forever — the client resyncs past it.
+pub async fn fake_agent_dropped_call_resyncs(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.agent_sync();
+        let _hung = c.expect("guest-fsfreeze-freeze");
+        // Never answered. The client gives up on it and resyncs before the next command.
+        c.agent_sync();
+        let ping = c.expect("guest-ping");
+        c.reply(&ping.command, json!({}));
+        c.serve_forever();
+    });
+    let agent = connect_agent(a, server.path()).await;
+    let dropped = timeout(
+        a,
+        Duration::from_millis(200),
+        agent.execute("guest-fsfreeze-freeze", ()),
+    )
+    .await;
+    assert!(dropped.is_none(), "{dropped:?}");
+    let ping = timeout(a, Duration::from_secs(5), agent.execute("guest-ping", ())).await;
+    assert_eq!(
+        ping.expect("not stuck behind the dropped call")
+            .expect("ping"),
+        json!({})
+    );
+    agent.disconnect().await;
+    server.check();
+}
+
 /// Junk, stale replies and a sync reply with the wrong id before ours are discarded; an agent
 /// that never answers our sync makes connect time out.
 pub async fn fake_agent_junk_and_wrong_sync_ids(a: &'static dyn Adapter) {
@@ -1091,7 +1121,8 @@ macro_rules! conformance {
             fake_cancel_safety, fake_timeouts, fake_lifecycle, fake_handshake_failures,
             fake_raw_commands_and_patterns,
             qga_commands_and_errors, qga_files_and_large_reads, qga_resync_after_timeout,
-            fake_agent_without_ids, fake_agent_junk_and_wrong_sync_ids, fake_agent_no_reply_commands);
+            fake_agent_without_ids, fake_agent_junk_and_wrong_sync_ids, fake_agent_no_reply_commands,
+            fake_agent_dropped_call_resyncs);
     };
     (@tests $adapter:expr; $($name:ident),* $(,)?) => {
         $(
