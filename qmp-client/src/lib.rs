@@ -7,6 +7,9 @@
 //! [`Timer`], plus a [`Runtime`] hook for spawning and sleeping, which each adapter implements for
 //! its runtime. Users normally depend on an adapter, which re-exports everything here.
 //!
+//! [`GuestAgent`] is the same machinery for the QEMU guest agent (`qemu-ga`): resyncs, one command
+//! at a time, commands that never reply on success.
+//!
 //! Unix only (QMP lives on unix sockets, and file-descriptor passing needs them).
 
 #![forbid(unsafe_code)]

@@ -21,9 +21,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Everything else — [`Client`], [`Options`], [`EventFilter`], [`Error`] — comes from
-//! `qmp-client` and is the same in `qmp-async-std`; this crate adds only what ties it to tokio:
-//! [`connect`], [`Listener`] (QEMU connecting to us), [`wrap`] and [`wrap_unix`] (any stream).
+//! Everything else — [`Client`], [`GuestAgent`], [`Options`], [`EventFilter`], [`Error`] — comes
+//! from `qmp-client` and is the same in `qmp-async-std`; this crate adds only what ties it to
+//! tokio: [`connect`], [`Listener`] (QEMU connecting to us), [`wrap`] and [`wrap_unix`] (any
+//! stream), and for the guest agent [`connect_guest_agent`] and [`wrap_guest_agent`].
 //!
 //! The connection runs in a task spawned on the current tokio runtime, which owns the socket.
 //! Commands and subscriptions talk to it through channels, so every call is cancel-safe.
