@@ -437,14 +437,7 @@ impl Qsd {
     }
 
     fn wait_for_socket(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until_listening(&self.socket, "qemu-storage-daemon");
     }
 
     /// The QMP socket path.
@@ -528,14 +521,7 @@ impl QemuGa {
             .stderr(Stdio::null())
             .spawn()
             .expect("start qemu-ga");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-ga did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until_listening(&socket, "qemu-ga");
         Self { child, dir, socket }
     }
 
@@ -580,5 +566,30 @@ impl Drop for QemuGa {
         // SIGKILL works on a stopped process too.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until a unix socket at `path` accepts connections. The file appears at `bind`, a moment
+/// before `listen`: a connect in between is refused. `/proc/net/unix` says when the socket
+/// listens, without connecting (which would take a one-client monitor's only slot).
+fn wait_until_listening(path: &Path, program: &str) {
+    // __SO_ACCEPTCON in the Flags column: a listening socket.
+    const LISTENING: &str = "00010000";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let path = path.to_string_lossy();
+    loop {
+        let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+        let listening = table.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() >= 8 && fields[3] == LISTENING && fields[7..].join(" ") == path
+        });
+        if listening {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{program} did not listen on {path} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
