@@ -395,6 +395,8 @@ pub struct Qsd {
     child: Child,
     dir: TempDir,
     socket: PathBuf,
+    /// Further monitors ([`Qsd::start_monitors`]).
+    more: Vec<PathBuf>,
 }
 
 impl Qsd {
@@ -417,10 +419,50 @@ impl Qsd {
             "chardev=m"
         };
         let chardev = format!("socket,path={},server=on,wait=off,id=m", socket.display());
-        let child = spawn_qsd(&chardev, monitor);
-        let qsd = Self { child, dir, socket };
+        let child = spawn_qsd(&[(chardev, monitor.to_owned())]);
+        let qsd = Self {
+            child,
+            dir,
+            socket,
+            more: Vec::new(),
+        };
         qsd.wait_for_socket();
         qsd
+    }
+
+    /// A daemon with `n` monitors (at least one), each on its own socket: QEMU serves one client
+    /// per monitor and sends events to all of them, so one client can watch while another acts.
+    pub fn start_monitors(n: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sockets: Vec<PathBuf> = (0..n.max(1))
+            .map(|i| dir.path().join(format!("qmp{i}.sock")))
+            .collect();
+        let monitors: Vec<(String, String)> = sockets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let chardev = format!("socket,path={},server=on,wait=off,id=m{i}", s.display());
+                (chardev, format!("chardev=m{i}"))
+            })
+            .collect();
+        let child = spawn_qsd(&monitors);
+        let mut sockets = sockets.into_iter();
+        let socket = sockets.next().expect("one monitor at least");
+        let qsd = Self {
+            child,
+            dir,
+            socket,
+            more: sockets.collect(),
+        };
+        for s in qsd.sockets() {
+            wait_until_listening(s, "qemu-storage-daemon");
+        }
+        qsd
+    }
+
+    /// Every monitor socket: [`socket`](Self::socket) first.
+    pub fn sockets(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.socket.as_path()).chain(self.more.iter().map(PathBuf::as_path))
     }
 
     /// Starts a daemon that connects to `socket` (`server=off`), for accept-mode tests. Bind the
@@ -428,11 +470,12 @@ impl Qsd {
     pub fn connect_to(socket: &Path) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let chardev = format!("socket,path={},server=off,id=m", socket.display());
-        let child = spawn_qsd(&chardev, "chardev=m");
+        let child = spawn_qsd(&[(chardev, "chardev=m".to_owned())]);
         Self {
             child,
             dir,
             socket: socket.to_owned(),
+            more: Vec::new(),
         }
     }
 
@@ -462,11 +505,13 @@ impl Qsd {
     }
 }
 
-fn spawn_qsd(chardev: &str, monitor: &str) -> Child {
+fn spawn_qsd(monitors: &[(String, String)]) -> Child {
     let program = require("qemu-storage-daemon", "qemu-utils");
-    Command::new(program)
-        .args(["--chardev", chardev, "--monitor", monitor])
-        .stdin(Stdio::null())
+    let mut cmd = Command::new(program);
+    for (chardev, monitor) in monitors {
+        cmd.args(["--chardev", chardev, "--monitor", monitor]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -572,7 +617,7 @@ impl Drop for QemuGa {
 /// Waits until a unix socket at `path` accepts connections. The file appears at `bind`, a moment
 /// before `listen`: a connect in between is refused. `/proc/net/unix` says when the socket
 /// listens, without connecting (which would take a one-client monitor's only slot).
-fn wait_until_listening(path: &Path, program: &str) {
+pub fn wait_until_listening(path: &Path, program: &str) {
     // __SO_ACCEPTCON in the Flags column: a listening socket.
     const LISTENING: &str = "00010000";
     let deadline = Instant::now() + Duration::from_secs(10);
