@@ -1,6 +1,8 @@
 //! What the guest agent (QGA) needs beyond QMP: sync ids, the resync message, and the commands
 //! that never reply on success.
 
+use std::time::{Duration, Instant};
+
 /// Commands the guest agent never answers when they succeed (`'success-response': false` in
 /// QEMU's `qga/qapi-schema.json`): the guest is going down. On a guest-agent connection they are
 /// sent as [`Command::no_reply`](crate::Command::no_reply) automatically.
@@ -15,11 +17,20 @@ pub const NO_SUCCESS_RESPONSE: &[&str] = &[
 /// answers `guest-sync-delimited` with the same byte before its reply.
 pub(crate) const SENTINEL: u8 = 0xFF;
 
+/// How long a resync may go unanswered before a command expiring behind it restarts it; doubled
+/// at each restart up to [`MAX_RETRY`], reset once a resync completes.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(64);
+
 /// Guest-agent state of a [`Connection`](crate::Connection).
 pub(crate) struct Agent {
     ids: SyncIds,
     /// The id of the resync under way: until its reply arrives, everything else is discarded.
     pub(crate) syncing: Option<i64>,
+    /// When the resync under way started, as far as the caller's clock has told us (the core
+    /// has none of its own: the first `handle_timeout` after it started stands in).
+    pub(crate) sync_since: Option<Instant>,
+    retry_after: Duration,
 }
 
 impl Agent {
@@ -27,7 +38,30 @@ impl Agent {
         Self {
             ids: SyncIds(seed),
             syncing: None,
+            sync_since: None,
+            retry_after: FIRST_RETRY,
         }
+    }
+
+    /// Whether the resync under way has waited long enough at `now` to be started over; if so,
+    /// the next restart waits twice as long.
+    pub(crate) fn retry_due(&mut self, now: Instant) -> bool {
+        let Some(since) = self.sync_since else {
+            self.sync_since = Some(now);
+            return false;
+        };
+        if now.saturating_duration_since(since) < self.retry_after {
+            return false;
+        }
+        self.retry_after = (self.retry_after * 2).min(MAX_RETRY);
+        true
+    }
+
+    /// The resync under way was answered.
+    pub(crate) fn synced(&mut self) {
+        self.syncing = None;
+        self.sync_since = None;
+        self.retry_after = FIRST_RETRY;
     }
 
     /// Starts a new resync: returns the bytes to send. A resync under way is superseded, so a
@@ -35,6 +69,7 @@ impl Agent {
     pub(crate) fn start_sync(&mut self, out: &mut Vec<u8>) {
         let id = self.ids.next();
         self.syncing = Some(id);
+        self.sync_since = None;
         out.push(SENTINEL);
         out.extend_from_slice(b"{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":");
         out.extend_from_slice(id.to_string().as_bytes());

@@ -933,6 +933,7 @@ impl Session {
 
     fn expire(&mut self, now: Instant) {
         let mut resync = false;
+        let mut lost_sync = false;
         while self.deadlines.first().is_some_and(|&(at, _)| at <= now) {
             let Some((_, id)) = self.deadlines.pop_first() else {
                 break;
@@ -951,15 +952,24 @@ impl Session {
                     )
                 }
             };
-            // A resync under way may have been lost (a guest agent restarting): start it over.
-            resync |= written || self.syncing();
+            resync |= written;
+            lost_sync |= self.syncing();
             self.output(Output::Response {
                 id: RequestId(id),
                 result,
             });
         }
+        // A resync under way may have been lost (a guest agent restarting in the guest drops
+        // what it had read): start it over, but back off, or an agent slower to answer than
+        // commands expire would never catch up with our newest sync id.
+        if lost_sync && !resync && self.agent.as_mut().is_some_and(|a| a.retry_due(now)) {
+            resync = true;
+        }
         if resync && self.agent.is_some() && self.state != State::Closed {
             self.start_sync();
+            if let Some(agent) = &mut self.agent {
+                agent.sync_since = Some(now);
+            }
         }
         self.pump();
     }
@@ -998,7 +1008,7 @@ impl Session {
 
     fn sync_done(&mut self) {
         if let Some(agent) = &mut self.agent {
-            agent.syncing = None;
+            agent.synced();
         }
         self.stats.syncs += 1;
         self.become_ready(false);

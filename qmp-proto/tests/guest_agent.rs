@@ -230,22 +230,75 @@ fn timeout_resyncs_so_a_late_reply_is_never_taken_for_the_next() {
 }
 
 #[test]
-fn a_queued_command_timing_out_during_a_resync_restarts_it() {
+fn a_resync_left_unanswered_is_restarted_with_backoff() {
     let (mut conn, _) = agent();
     let first = conn.sync_id().unwrap();
     let t0 = Instant::now();
-    let q = conn.send(Command::new("guest-ping").deadline(t0)).unwrap();
-    conn.handle_timeout(t0);
-    assert_eq!(err(&drain(&mut conn)[0]), (q, CommandError::TimedOut));
-    let second = conn.sync_id().unwrap();
-    assert_ne!(first, second);
-    let bytes = take_transmit(&mut conn);
-    assert_eq!(bytes[0], 0xFF);
-    // The first sync's reply is stale now.
-    conn.handle_input(format!("\u{7f}{{\"return\": {first}}}\n").as_bytes());
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let expire = |conn: &mut Connection, ms: u64| {
+        let q = conn
+            .send(Command::new("guest-ping").deadline(at(ms)))
+            .unwrap();
+        conn.handle_timeout(at(ms));
+        assert_eq!(err(&drain(conn)[0]), (q, CommandError::TimedOut));
+        conn.sync_id().unwrap()
+    };
+    // The first expiry only starts the clock; a second one 1 s later restarts the resync.
+    assert_eq!(expire(&mut conn, 0), first);
+    assert_eq!(expire(&mut conn, 500), first);
+    let second = expire(&mut conn, 1000);
+    assert_ne!(second, first);
+    assert_eq!(take_transmit(&mut conn)[..2], [0xFF, b'{'][..2]);
+    // Then it waits twice as long before the next restart.
+    assert_eq!(expire(&mut conn, 2500), second);
+    let third = expire(&mut conn, 3000);
+    assert_ne!(third, second);
+    // The earlier syncs' replies are stale now; only the newest one counts.
+    conn.handle_input(
+        format!("\u{7f}{{\"return\": {first}}}\n{{\"return\": {second}}}\n").as_bytes(),
+    );
     assert_eq!(conn.state(), State::Syncing);
-    conn.handle_input(format!("{{\"return\": {second}}}\n").as_bytes());
+    conn.handle_input(format!("{{\"return\": {third}}}\n").as_bytes());
     assert_eq!(drain(&mut conn), [Output::Ready { oob: false }]);
+}
+
+/// An agent that answers each resync only 3 s after it reads it, while commands keep expiring
+/// every 100 ms: the backoff lets one resync be answered while it is still the newest.
+#[test]
+fn a_slow_agent_and_steady_expiries_still_sync() {
+    let (mut conn, mut wire) = agent();
+    let t0 = Instant::now();
+    let latency = Duration::from_secs(3);
+    // (id, when the agent answers it), in the agent's order.
+    let mut answers: Vec<(i64, Instant)> = Vec::new();
+    let mut last_answer = t0;
+    for step in 1..=3000u64 {
+        let now = t0 + Duration::from_millis(100 * step);
+        // The agent reads what we wrote: each 0xFF + sync is queued behind the previous one.
+        for line in wire
+            .split(|&b| b == b'\n')
+            .filter(|l| l.first() == Some(&0xFF))
+        {
+            let v: Value = serde_json::from_slice(&line[1..]).unwrap();
+            let id = v["arguments"]["id"].as_i64().unwrap();
+            last_answer = last_answer.max(now - Duration::from_millis(100)) + latency;
+            answers.push((id, last_answer));
+        }
+        wire.clear();
+        for (id, _) in answers.iter().filter(|(_, w)| *w <= now) {
+            conn.handle_input(format!("\u{7f}{{\"return\": {id}}}\n").as_bytes());
+        }
+        answers.retain(|(_, w)| *w > now);
+        if conn.state() == State::Ready {
+            assert!(step < 600, "synced only after {step} steps");
+            return;
+        }
+        let _ = conn.send(Command::new("guest-ping").deadline(now)).unwrap();
+        conn.handle_timeout(now);
+        let _ = drain(&mut conn);
+        wire = take_transmit(&mut conn);
+    }
+    panic!("never synced: a restart always overtook the agent's answer");
 }
 
 #[test]
