@@ -17,7 +17,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// What the harness asked for.
-#[derive(Clone)]
 struct Args {
     adapter: String,
     socket: String,
@@ -217,20 +216,6 @@ fn tokio_main(args: &Args) -> Result<String, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    if std::env::var_os("QMP_BENCH_SPAWN").is_some() {
-        let args = args.clone();
-        return rt.block_on(async move {
-            tokio::spawn(async move {
-                run_async(
-                    qmp_tokio::connect(args.socket.as_str(), options(&args)).await,
-                    &args,
-                )
-                .await
-            })
-            .await
-            .map_err(|e| e.to_string())?
-        });
-    }
     rt.block_on(async {
         run_async(
             qmp_tokio::connect(args.socket.as_str(), options(args)).await,
