@@ -225,12 +225,14 @@ fn tokio_main(args: &Args) -> Result<String, String> {
     })
 }
 
-/// smol's way: one executor on this thread runs both the connection's task and the workload.
+/// smol's way: one executor on this thread runs both the connection's task and the workload, under
+/// `smol::block_on` (async-io's, which drives the reactor on this thread while it waits, instead of
+/// leaving it to async-io's helper thread).
 fn smol_main(args: &Args) -> Result<String, String> {
     let executor = std::sync::Arc::new(async_executor::Executor::new());
     let spawner = std::sync::Arc::clone(&executor);
     let options = options(args).spawner(move |task| spawner.spawn(task).detach());
-    futures_lite::future::block_on(executor.run(async {
+    async_io::block_on(executor.run(async {
         run_async(
             qmp_async_std::connect(args.socket.as_str(), options).await,
             args,
