@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
@@ -54,21 +54,41 @@ impl Io {
     }
 }
 
-/// State shared by the connection's thread and the transport, timer and waker it runs.
-struct Shared {
-    /// A duplicate of the stream's descriptor, to poll.
-    fd: OwnedFd,
+/// State shared by the connection's thread, the transport, timer and waker its task runs, and the
+/// client handles (see [`Shared::assist`]). It holds no descriptor of the socket, so handles that
+/// outlive the connection do not keep it open.
+pub(crate) struct Shared {
+    /// The connection's task, polled by its thread, or by a calling thread that just submitted a
+    /// command ([`Shared::assist`]). `None` once it has finished.
+    task: Mutex<Option<BoxFuture>>,
     want_read: AtomicBool,
     want_write: AtomicBool,
     timer: Mutex<Option<Instant>>,
+    /// What the thread sleeps on in `poll(2)`: read and write interest, and its deadline.
+    sleeping: Mutex<(bool, bool, Option<Instant>)>,
     /// Written to wake the thread; `wake_pending` avoids writing more than one byte at a time.
     wake_tx: UnixStream,
-    wake_rx: UnixStream,
     wake_pending: AtomicBool,
+    /// A calling thread is about to poll the task itself: wakes are noted in `assist_dirty`
+    /// instead of written to the pipe.
+    assisting: AtomicBool,
+    assist_dirty: AtomicBool,
+    /// Calls under way through [`block_on_assisted`].
+    calls: AtomicUsize,
 }
 
-/// The transport, timer and runtime of one connection over `io`.
-pub(crate) fn parts(io: Io) -> io::Result<(PollTransport, PollTimer, Arc<PollRuntime>)> {
+/// What only the connection's thread holds: the descriptors it polls.
+struct Poller {
+    /// A duplicate of the stream's descriptor.
+    fd: OwnedFd,
+    wake_rx: UnixStream,
+}
+
+/// The transport, timer and runtime of one connection over `io`, and the state client handles
+/// keep to [`assist`](Shared::assist) it.
+pub(crate) fn parts(
+    io: Io,
+) -> io::Result<(PollTransport, PollTimer, Arc<PollRuntime>, Arc<Shared>)> {
     let fd = rustix::io::dup(io.fd())?;
     let flags = rustix::fs::fcntl_getfl(&fd)?;
     rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
@@ -76,13 +96,16 @@ pub(crate) fn parts(io: Io) -> io::Result<(PollTransport, PollTimer, Arc<PollRun
     wake_tx.set_nonblocking(true)?;
     wake_rx.set_nonblocking(true)?;
     let shared = Arc::new(Shared {
-        fd,
+        task: Mutex::new(None),
         want_read: AtomicBool::new(false),
         want_write: AtomicBool::new(false),
         timer: Mutex::new(None),
+        sleeping: Mutex::new((false, false, None)),
         wake_tx,
-        wake_rx,
         wake_pending: AtomicBool::new(false),
+        assisting: AtomicBool::new(false),
+        assist_dirty: AtomicBool::new(false),
+        calls: AtomicUsize::new(0),
     });
     let can_pass_fds = matches!(io, Io::Unix(_));
     Ok((
@@ -95,8 +118,9 @@ pub(crate) fn parts(io: Io) -> io::Result<(PollTransport, PollTimer, Arc<PollRun
             shared: Arc::clone(&shared),
         },
         Arc::new(PollRuntime {
-            shared: Mutex::new(Some(shared)),
+            start: Mutex::new(Some((Arc::clone(&shared), Poller { fd, wake_rx }))),
         }),
+        shared,
     ))
 }
 
@@ -176,26 +200,37 @@ impl Timer for PollTimer {
     }
 }
 
-/// Hands the connection's state to the thread it spawns and keeps nothing: once that thread
-/// ends, the socket's descriptors close even while client handles (which hold the runtime) live.
+/// Hands the connection's task and descriptors to the thread it spawns and keeps nothing: once
+/// the task ends, the socket's descriptors close even while client handles (which hold the
+/// runtime and the shared state) live.
 pub(crate) struct PollRuntime {
-    shared: Mutex<Option<Arc<Shared>>>,
+    start: Mutex<Option<(Arc<Shared>, Poller)>>,
 }
 
 impl Runtime for PollRuntime {
     fn spawn(&self, future: BoxFuture) {
-        let Some(shared) = self
-            .shared
+        let Some((shared, poller)) = self
+            .start
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
         else {
             return; // One connection, one task: nothing else is ever spawned here.
         };
-        // If no thread can be had the task is dropped, and `connect` reports the connection closed.
-        let _ = thread::Builder::new()
-            .name("qmp-connection".into())
-            .spawn(move || run(future, &shared));
+        *shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(future);
+        // If no thread can be had the task is dropped with the closure, and `connect` reports the
+        // connection closed.
+        let spawned = thread::Builder::new().name("qmp-connection".into()).spawn({
+            let shared = Arc::clone(&shared);
+            move || run(&shared, &poller)
+        });
+        if spawned.is_err() {
+            shared
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+        }
     }
 
     fn sleep(&self, duration: Duration) -> BoxFuture {
@@ -214,52 +249,139 @@ impl Wake for PipeWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if !self.0.wake_pending.swap(true, Ordering::AcqRel) {
-            let _ = (&self.0.wake_tx).write(&[1]);
+        self.0.wake();
+    }
+}
+
+/// How many times an assisting caller polls the task for wakes that arrive while it does, before
+/// it leaves the rest to the connection's thread.
+const ASSIST_ROUNDS: usize = 4;
+
+impl Shared {
+    /// Wakes the connection's task: notes it for an assisting caller, or wakes the thread.
+    fn wake(&self) {
+        if self.assisting.load(Ordering::SeqCst) {
+            self.assist_dirty.store(true, Ordering::SeqCst);
+            // The caller may have finished meanwhile without seeing the note: then wake as usual.
+            if self.assisting.load(Ordering::SeqCst) {
+                return;
+            }
         }
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            let _ = (&self.wake_tx).write(&[1]);
+        }
+    }
+
+    /// Polls the task once with the thread's waker; interest and deadline are recorded as it
+    /// goes. Returns what it then waits on, or `None` once the task has finished.
+    fn poll_task(
+        self: &Arc<Self>,
+        task: &mut Option<BoxFuture>,
+    ) -> Option<(bool, bool, Option<Instant>)> {
+        let future = task.as_mut()?;
+        self.want_read.store(false, Ordering::Release);
+        self.want_write.store(false, Ordering::Release);
+        *self.timer.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let waker = Waker::from(Arc::new(PipeWaker(Arc::clone(self))));
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            future.as_mut().poll(&mut Context::from_waker(&waker))
+        }));
+        // Finished, or panicked (a subscriber's predicate can): either way it is dropped, which
+        // drops the transport (the socket closes now) and, after a panic, tells every caller the
+        // connection ended. A caller that happened to be polling it never sees the panic.
+        if !matches!(polled, Ok(Poll::Pending)) {
+            *task = None;
+            return None;
+        }
+        Some((
+            self.want_read.load(Ordering::Acquire),
+            self.want_write.load(Ordering::Acquire),
+            *self.timer.lock().unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+
+    /// Called by a thread that is about to submit a command, with `submit` doing it: the command
+    /// is written by this thread at once, instead of waking the connection's thread to write it
+    /// (a context switch each way on a busy CPU). The connection's thread still reads the reply
+    /// and wakes this one. If the thread is busy polling the task itself, or the task now waits
+    /// on something the thread does not, the thread is woken as usual.
+    pub(crate) fn assist<T>(self: &Arc<Self>, submit: impl FnOnce() -> T) -> T {
+        if self
+            .assisting
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            // Another caller is assisting: it will see this one's wake.
+            return submit();
+        }
+        self.assist_dirty.store(false, Ordering::SeqCst);
+        let out = submit();
+        let mut wake_thread = false;
+        for _ in 0..ASSIST_ROUNDS {
+            if !self.assist_dirty.swap(false, Ordering::SeqCst) {
+                break;
+            }
+            let Ok(mut task) = self.task.try_lock() else {
+                // The thread is polling the task and may have missed what was just submitted.
+                wake_thread = true;
+                break;
+            };
+            let sleeping = *self.sleeping.lock().unwrap_or_else(PoisonError::into_inner);
+            match self.poll_task(&mut task) {
+                Some(waits_on) if waits_on == sleeping => {}
+                // The thread must wait on something else now, or see that the task finished.
+                _ => wake_thread = true,
+            }
+        }
+        self.assisting.store(false, Ordering::SeqCst);
+        if wake_thread || self.assist_dirty.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+        out
     }
 }
 
 /// Runs a connection's task to completion on this thread.
-fn run(mut future: BoxFuture, shared: &Arc<Shared>) {
-    let waker = Waker::from(Arc::new(PipeWaker(Arc::clone(shared))));
-    let mut cx = Context::from_waker(&waker);
+fn run(shared: &Arc<Shared>, poller: &Poller) {
     let mut drain = [0u8; 64];
     loop {
-        shared.want_read.store(false, Ordering::Release);
-        shared.want_write.store(false, Ordering::Release);
-        *shared.timer.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        if future.as_mut().poll(&mut cx).is_ready() {
-            return;
-        }
+        let (read, write, deadline) = {
+            let mut task = shared.task.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(waits_on) = shared.poll_task(&mut task) else {
+                return;
+            };
+            // Recorded while the task is locked, so an assisting caller compares with what this
+            // thread is about to sleep on.
+            *shared
+                .sleeping
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = waits_on;
+            waits_on
+        };
         let mut flags = PollFlags::empty();
-        if shared.want_read.load(Ordering::Acquire) {
+        if read {
             flags |= PollFlags::IN;
         }
-        if shared.want_write.load(Ordering::Acquire) {
+        if write {
             flags |= PollFlags::OUT;
         }
-        let timeout = shared
-            .timer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .map(|at| {
-                let d = at.saturating_duration_since(Instant::now());
-                Timespec {
-                    tv_sec: d.as_secs() as i64,
-                    tv_nsec: i64::from(d.subsec_nanos()),
-                }
-            });
+        let timeout = deadline.map(|at| {
+            let d = at.saturating_duration_since(Instant::now());
+            Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: i64::from(d.subsec_nanos()),
+            }
+        });
         let mut fds = [
-            PollFd::new(&shared.fd, flags),
-            PollFd::new(&shared.wake_rx, PollFlags::IN),
+            PollFd::new(&poller.fd, flags),
+            PollFd::new(&poller.wake_rx, PollFlags::IN),
         ];
         // EINTR and friends: just go round again.
         let _ = rustix::event::poll(&mut fds, timeout.as_ref());
         // Drain before clearing the flag: a wake in between then finds the flag still set and
         // writes nothing, but the future is polled next anyway. The other order could eat the
         // byte of a wake that set the flag, leaving the flag set and every later wake silent.
-        while matches!((&shared.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
+        while matches!((&poller.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
         shared.wake_pending.store(false, Ordering::Release);
     }
 }
@@ -395,6 +517,38 @@ impl Wake for ThreadWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.0.unpark();
+    }
+}
+
+/// [`block_on`] for a future that submits a command to `shared`'s connection on its first poll:
+/// when no other call is under way, that poll is made under [`Shared::assist`]. (With several,
+/// the connection's thread is awake anyway, and writing from many threads would only contend
+/// for the task.)
+pub(crate) fn block_on_assisted<F: Future>(shared: &Arc<Shared>, future: F) -> F::Output {
+    struct Call<'a>(&'a Shared);
+    impl Drop for Call<'_> {
+        fn drop(&mut self) {
+            self.0.calls.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let alone = shared.calls.fetch_add(1, Ordering::AcqRel) == 0;
+    let _call = Call(shared);
+    let mut future = pin!(future);
+    let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let first = if alone {
+        shared.assist(|| future.as_mut().poll(&mut cx))
+    } else {
+        future.as_mut().poll(&mut cx)
+    };
+    if let Poll::Ready(output) = first {
+        return output;
+    }
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        thread::park();
     }
 }
 

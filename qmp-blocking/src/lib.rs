@@ -39,6 +39,7 @@
 mod executor;
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::io;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
@@ -51,8 +52,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::executor::Io;
 pub use crate::executor::block_on;
+use crate::executor::{Io, Shared, block_on_assisted};
 use qmp_client::SocketFile;
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Command, CommandError, Config, Disconnect, Error, Event,
@@ -137,19 +138,19 @@ where
 }
 
 fn start(io: Io, options: Options) -> Result<Client, Error> {
-    let (transport, timer, runtime) = executor::parts(io)?;
+    let (transport, timer, runtime, shared) = executor::parts(io)?;
     let inner = block_on(qmp_client::Client::start(
         transport, timer, options, runtime,
     ))?;
-    Ok(Client { inner })
+    Ok(Client { inner, shared })
 }
 
 fn start_guest_agent(io: Io, options: Options) -> Result<GuestAgent, Error> {
-    let (transport, timer, runtime) = executor::parts(io)?;
+    let (transport, timer, runtime, shared) = executor::parts(io)?;
     let inner = block_on(qmp_client::GuestAgent::start(
         transport, timer, options, runtime,
     ))?;
-    Ok(GuestAgent { inner })
+    Ok(GuestAgent { inner, shared })
 }
 
 /// A socket QEMU connects to (its `server=off` chardevs): bind, start QEMU, accept.
@@ -222,16 +223,29 @@ impl Listener {
 
 /// A blocking QMP client: the async client's API with every call waiting for its answer. Clones
 /// share one connection and can be used from any number of threads.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     inner: qmp_client::Client,
+    /// The connection's executor state, so a call can write its own command ([`Shared::assist`]).
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
 }
 
 impl Client {
+    /// Waits for a call that submits a command.
+    fn call_on<F: Future>(&self, call: F) -> F::Output {
+        block_on_assisted(&self.shared, call)
+    }
+
     /// Executes `name` with `arguments` (anything that serializes to a JSON object, or `()` for
     /// none) and returns the return value.
     pub fn execute(&self, name: &str, arguments: impl Serialize) -> Result<Value, Error> {
-        block_on(self.inner.execute(name, arguments))
+        self.call_on(self.inner.execute(name, arguments))
     }
 
     /// Executes `name` and deserializes the return value into `R`.
@@ -240,22 +254,22 @@ impl Client {
         name: &str,
         arguments: impl Serialize,
     ) -> Result<R, Error> {
-        block_on(self.inner.execute_as(name, arguments))
+        self.call_on(self.inner.execute_as(name, arguments))
     }
 
     /// Executes `name` out of band (needs `enable_oob` and a server that offers it).
     pub fn execute_oob(&self, name: &str, arguments: impl Serialize) -> Result<Value, Error> {
-        block_on(self.inner.execute_oob(name, arguments))
+        self.call_on(self.inner.execute_oob(name, arguments))
     }
 
     /// Executes a pre-built command object; its `id` is replaced by the client's own.
     pub fn execute_raw(&self, command: Value) -> Result<Value, Error> {
-        block_on(self.inner.execute_raw(command))
+        self.call_on(self.inner.execute_raw(command))
     }
 
     /// Executes a [`Command`] and returns the return value unparsed.
     pub fn call(&self, command: Command) -> Result<RawJson, Error> {
-        block_on(self.inner.call(command))
+        self.call_on(self.inner.call(command))
     }
 
     /// Executes `name` with file descriptors attached (unix sockets only).
@@ -265,12 +279,12 @@ impl Client {
         arguments: impl Serialize,
         fds: Vec<OwnedFd>,
     ) -> Result<Value, Error> {
-        block_on(self.inner.execute_with_fds(name, arguments, fds))
+        self.call_on(self.inner.execute_with_fds(name, arguments, fds))
     }
 
     /// Passes `fd` to QEMU under `fdname` (`getfd`).
     pub fn getfd(&self, fdname: &str, fd: OwnedFd) -> Result<(), Error> {
-        block_on(self.inner.getfd(fdname, fd))
+        self.call_on(self.inner.getfd(fdname, fd))
     }
 
     /// Adds `fd` to an fd set (`add-fd`).
@@ -280,13 +294,14 @@ impl Client {
         fdset_id: Option<u64>,
         opaque: Option<&str>,
     ) -> Result<AddFdInfo, Error> {
-        block_on(self.inner.add_fd(fd, fdset_id, opaque))
+        self.call_on(self.inner.add_fd(fd, fdset_id, opaque))
     }
 
     /// A handle to the same connection whose commands time out after `timeout`.
     pub fn with_timeout(&self, timeout: Duration) -> Self {
         Self {
             inner: self.inner.with_timeout(timeout),
+            shared: Arc::clone(&self.shared),
         }
     }
 
@@ -294,6 +309,7 @@ impl Client {
     pub fn without_timeout(&self) -> Self {
         Self {
             inner: self.inner.without_timeout(),
+            shared: Arc::clone(&self.shared),
         }
     }
 
@@ -322,17 +338,17 @@ impl Client {
 
     /// The server's command names (`query-commands`, cached).
     pub fn commands(&self) -> Result<Arc<BTreeSet<String>>, Error> {
-        block_on(self.inner.commands())
+        self.call_on(self.inner.commands())
     }
 
     /// Whether the server has command `name`.
     pub fn has_command(&self, name: &str) -> Result<bool, Error> {
-        block_on(self.inner.has_command(name))
+        self.call_on(self.inner.has_command(name))
     }
 
     /// The raw `query-qmp-schema`.
     pub fn schema(&self) -> Result<Value, Error> {
-        block_on(self.inner.schema())
+        self.call_on(self.inner.schema())
     }
 
     /// Whether the connection is open or why it closed.
@@ -403,16 +419,28 @@ impl Iterator for Subscription {
 /// A blocking guest-agent client: [`qmp_client::GuestAgent`]'s API with every call waiting for its
 /// answer. Clones share one connection and can be used from any number of threads; commands go
 /// to the agent one at a time.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GuestAgent {
     inner: qmp_client::GuestAgent,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for GuestAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
 }
 
 impl GuestAgent {
+    /// Waits for a call that submits a command.
+    fn call_on<F: Future>(&self, call: F) -> F::Output {
+        block_on_assisted(&self.shared, call)
+    }
+
     /// Executes `name` with `arguments` and returns the return value (`{}` for a
     /// `guest-shutdown` or `guest-suspend-*` that got no reply, as they do on success).
     pub fn execute(&self, name: &str, arguments: impl Serialize) -> Result<Value, Error> {
-        block_on(self.inner.execute(name, arguments))
+        self.call_on(self.inner.execute(name, arguments))
     }
 
     /// Executes `name` and deserializes the return value into `R`.
@@ -421,17 +449,17 @@ impl GuestAgent {
         name: &str,
         arguments: impl Serialize,
     ) -> Result<R, Error> {
-        block_on(self.inner.execute_as(name, arguments))
+        self.call_on(self.inner.execute_as(name, arguments))
     }
 
     /// Executes a pre-built command object; its `id` is replaced by the client's own.
     pub fn execute_raw(&self, command: Value) -> Result<Value, Error> {
-        block_on(self.inner.execute_raw(command))
+        self.call_on(self.inner.execute_raw(command))
     }
 
     /// Executes a [`Command`] and returns the return value unparsed.
     pub fn call(&self, command: Command) -> Result<RawJson, Error> {
-        block_on(self.inner.call(command))
+        self.call_on(self.inner.call(command))
     }
 
     /// Executes a command that sends no reply when it succeeds, waiting at most `wait` for an
@@ -442,19 +470,20 @@ impl GuestAgent {
         arguments: impl Serialize,
         wait: Duration,
     ) -> Result<NoReply, Error> {
-        block_on(self.inner.execute_no_reply(name, arguments, wait))
+        self.call_on(self.inner.execute_no_reply(name, arguments, wait))
     }
 
     /// Resynchronises now (`0xFF` and `guest-sync-delimited`); the client already does on
     /// connect and after every timeout.
     pub fn resync(&self) -> Result<(), Error> {
-        block_on(self.inner.resync())
+        self.call_on(self.inner.resync())
     }
 
     /// A handle to the same connection whose commands time out after `timeout`.
     pub fn with_timeout(&self, timeout: Duration) -> Self {
         Self {
             inner: self.inner.with_timeout(timeout),
+            shared: Arc::clone(&self.shared),
         }
     }
 
@@ -462,6 +491,7 @@ impl GuestAgent {
     pub fn without_timeout(&self) -> Self {
         Self {
             inner: self.inner.without_timeout(),
+            shared: Arc::clone(&self.shared),
         }
     }
 
