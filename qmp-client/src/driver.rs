@@ -119,6 +119,8 @@ pub(crate) struct Driver<T, S> {
     ready: Option<oneshot::Sender<Result<Option<Greeting>, Error>>>,
     /// Callers waiting for a guest-agent resync to finish.
     resyncs: Vec<oneshot::Sender<()>>,
+    /// Subscribers to wake once the outputs at hand are delivered.
+    wakes: Vec<std::task::Waker>,
     io_error: Option<Arc<io::Error>>,
     needs_flush: bool,
     /// A subscriber's queue filled up: yield so it can catch up before more is read.
@@ -153,6 +155,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
             ready: Some(ready),
             resyncs: Vec::new(),
+            wakes: Vec::new(),
             io_error: None,
             needs_flush: false,
             yield_now: false,
@@ -430,7 +433,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 }
                 Output::Event(event) => {
                     tracing::trace!(name = %event.name, "event");
-                    self.yield_now |= self.shared.hub.publish(event);
+                    self.yield_now |= self.shared.hub.publish(event, &mut self.wakes);
                 }
                 Output::Unmatched(u) => {
                     tracing::debug!(id = ?u.id.as_ref().map(RawJson::get), result = ?u.result, "response matching no request");
@@ -452,6 +455,10 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 }
                 _ => {}
             }
+        }
+        // Subscribers waiting for events are woken once per batch of outputs, not per event.
+        for waker in self.wakes.drain(..) {
+            waker.wake();
         }
     }
 }
