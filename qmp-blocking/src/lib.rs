@@ -28,10 +28,12 @@
 //! threads at once, events buffered per subscription with lag reporting, cancel-safe timeouts, fd
 //! passing. Its connection task runs on one background thread per connection, in a tiny
 //! `poll(2)` loop over the socket and a wake-up pipe (no runtime, no extra dependency); the
-//! calling thread sleeps until its answer comes. That costs a thread hop per call, which against
+//! calling thread sleeps until its answer comes. A call made while no other is waiting writes its
+//! own command (it polls the connection's task, kept behind a mutex, right after queuing it), so
+//! only the reply needs the connection thread. That costs a thread hop per call, which against
 //! QEMU (tens of microseconds per command) is noise, and buys a handle many threads can share
 //! without the deadlocks of a single-threaded blocking design (a thread blocked reading while
-//! another needs to write).
+//! another needs to write), with events read even while no call is made.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
