@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, Once, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     assist_dirty: AtomicBool,
     /// Calls under way through [`block_on_assisted`].
     calls: AtomicUsize,
+    /// What the task is polled with, by its thread and by assisting callers alike.
+    waker: Waker,
 }
 
 /// What only the connection's thread holds: the descriptors it polls.
@@ -95,8 +97,9 @@ pub(crate) fn parts(
     let (wake_tx, wake_rx) = UnixStream::pair()?;
     wake_tx.set_nonblocking(true)?;
     wake_rx.set_nonblocking(true)?;
-    let shared = Arc::new(Shared {
+    let shared = Arc::new_cyclic(|shared| Shared {
         task: Mutex::new(None),
+        waker: Waker::from(Arc::new(PipeWaker(Weak::clone(shared)))),
         want_read: AtomicBool::new(false),
         want_write: AtomicBool::new(false),
         timer: Mutex::new(None),
@@ -241,7 +244,9 @@ impl Runtime for PollRuntime {
     }
 }
 
-struct PipeWaker(Arc<Shared>);
+/// Weak, so the waker `Shared` keeps does not keep `Shared` alive; once it is gone there is no
+/// task left to wake.
+struct PipeWaker(Weak<Shared>);
 
 impl Wake for PipeWaker {
     fn wake(self: Arc<Self>) {
@@ -249,7 +254,9 @@ impl Wake for PipeWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.0.wake();
+        if let Some(shared) = self.0.upgrade() {
+            shared.wake();
+        }
     }
 }
 
@@ -274,17 +281,13 @@ impl Shared {
 
     /// Polls the task once with the thread's waker; interest and deadline are recorded as it
     /// goes. Returns what it then waits on, or `None` once the task has finished.
-    fn poll_task(
-        self: &Arc<Self>,
-        task: &mut Option<BoxFuture>,
-    ) -> Option<(bool, bool, Option<Instant>)> {
+    fn poll_task(&self, task: &mut Option<BoxFuture>) -> Option<(bool, bool, Option<Instant>)> {
         let future = task.as_mut()?;
         self.want_read.store(false, Ordering::Release);
         self.want_write.store(false, Ordering::Release);
         *self.timer.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        let waker = Waker::from(Arc::new(PipeWaker(Arc::clone(self))));
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            future.as_mut().poll(&mut Context::from_waker(&waker))
+            future.as_mut().poll(&mut Context::from_waker(&self.waker))
         }));
         // Finished, or panicked (a subscriber's predicate can): either way it is dropped, which
         // drops the transport (the socket closes now) and, after a panic, tells every caller the
@@ -305,7 +308,7 @@ impl Shared {
     /// (a context switch each way on a busy CPU). The connection's thread still reads the reply
     /// and wakes this one. If the thread is busy polling the task itself, or the task now waits
     /// on something the thread does not, the thread is woken as usual.
-    pub(crate) fn assist<T>(self: &Arc<Self>, submit: impl FnOnce() -> T) -> T {
+    pub(crate) fn assist<T>(&self, submit: impl FnOnce() -> T) -> T {
         if self
             .assisting
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
