@@ -155,18 +155,18 @@ pub(crate) async fn run_wait(
     if let Ok(Some(pattern)) = a.pattern() {
         filter = filter.data(pattern);
     }
-    let mut sub = client.subscribe(filter.clone());
+    // The subscription delivers only events that pass the filter.
+    let mut sub = client.subscribe(filter);
     if verbose {
         warn!("qmp: subscribed to events");
     }
     let wait = async {
         loop {
             match sub.recv().await {
-                Some(Ok(event)) if filter.matches(&event) => {
+                Some(Ok(event)) => {
                     print_line(&event_json(&event));
                     return 0;
                 }
-                Some(Ok(_)) => {}
                 Some(Err(Lagged { missed })) => {
                     warn!("qmp: missed {missed} events (the wanted one may be among them)");
                 }
