@@ -113,7 +113,7 @@ pub fn agent_ops(data: &[u8]) {
             AgentOp::WriteAll => {
                 while let Some(tx) = conn.poll_transmit() {
                     let data = tx.data.to_vec();
-                    check_written(&conn, &data);
+                    check_written(&data);
                     conn.advance_transmit(data.len());
                 }
             }
@@ -127,13 +127,10 @@ pub fn agent_ops(data: &[u8]) {
                     (false, Some(id)) => id,
                     (false, None) => continue,
                 };
-                let reply = format!(
-                    "{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"stray\"}}}}\n\u{1}{{\"return\": {id}}}\n"
-                );
-                let bytes: Vec<u8> = reply
-                    .bytes()
-                    .map(|b| if b == 1 { 0xFF } else { b })
-                    .collect();
+                let mut bytes =
+                    br#"{"error": {"class": "GenericError", "desc": "stray"}}"#.to_vec();
+                bytes.extend_from_slice(b"\n\xff");
+                bytes.extend_from_slice(format!("{{\"return\": {id}}}\n").as_bytes());
                 t.input(&mut conn, &bytes);
             }
             AgentOp::Reply { echo_id, error } => {
@@ -171,7 +168,7 @@ pub fn agent_ops(data: &[u8]) {
 
 /// What a guest-agent connection writes: every `0xFF` starts a resync, and every command line is
 /// one JSON object.
-fn check_written(conn: &Connection, data: &[u8]) {
+fn check_written(data: &[u8]) {
     for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let text = match line.split_first() {
             Some((&0xFF, rest)) => {
@@ -188,5 +185,4 @@ fn check_written(conn: &Connection, data: &[u8]) {
             serde_json::from_slice(text).expect("the client wrote invalid JSON");
         assert!(value.is_object());
     }
-    let _ = conn;
 }
