@@ -147,9 +147,11 @@ impl Daemon {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !daemon.socket.exists() {
+        // The socket file appears at bind(), a moment before listen(): probe until a connect
+        // succeeds (the monitor takes the next client once this probe hangs up).
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
             if Instant::now() > deadline {
-                return Err("qemu-storage-daemon did not create its socket".into());
+                return Err("qemu-storage-daemon did not listen on its socket".into());
             }
             std::thread::sleep(Duration::from_millis(5));
         }
