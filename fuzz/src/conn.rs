@@ -481,7 +481,10 @@ pub(crate) struct Wire {
 /// One command the client wrote.
 #[derive(Debug)]
 pub(crate) struct WrittenCommand {
+    /// The request (`RequestId::get`) it is; 0 for the connection's own negotiation.
     pub(crate) id: u64,
+    /// The id it carries on the wire, which a reply must echo.
+    pub(crate) wire: u64,
     pub(crate) name: String,
     pub(crate) oob: bool,
 }
@@ -518,7 +521,7 @@ impl Wire {
             "advance_transmit miscounted"
         );
         self.written += n;
-        self.receive(&bytes, tracker)
+        self.receive(&bytes, conn, tracker)
     }
 
     /// Writes everything the connection has to send.
@@ -549,7 +552,12 @@ impl Wire {
         &self.inbox
     }
 
-    fn receive(&mut self, bytes: &[u8], tracker: &Tracker) -> Vec<WrittenCommand> {
+    fn receive(
+        &mut self,
+        bytes: &[u8],
+        conn: &Connection,
+        tracker: &Tracker,
+    ) -> Vec<WrittenCommand> {
         self.inbox.extend_from_slice(bytes);
         let mut got = Vec::new();
         let mut stream = serde_json::Deserializer::from_slice(&self.inbox).into_iter::<Value>();
@@ -579,22 +587,36 @@ impl Wire {
         self.base += consumed;
         got.into_iter()
             .zip(starts)
-            .map(|(value, start)| self.check_command(value, start, tracker))
+            .map(|(value, start)| self.check_command(value, start, conn, tracker))
             .collect()
     }
 
-    fn check_command(&mut self, value: Value, start: usize, tracker: &Tracker) -> WrittenCommand {
+    fn check_command(
+        &mut self,
+        value: Value,
+        start: usize,
+        conn: &Connection,
+        tracker: &Tracker,
+    ) -> WrittenCommand {
         let object = value.as_object().expect("the client wrote a non-object");
         let (name, oob) = match (object.get("execute"), object.get("exec-oob")) {
             (Some(Value::String(name)), None) => (name.clone(), false),
             (None, Some(Value::String(name))) => (name.clone(), true),
             _ => panic!("the client wrote a command without one execute/exec-oob: {value}"),
         };
-        let id = object
+        let wire = object
             .get("id")
             .and_then(Value::as_u64)
             .unwrap_or_else(|| panic!("the client wrote a command without a numeric id: {value}"));
-        assert!(self.seen.insert(id), "the client wrote id {id} twice");
+        // Which request it is: the one holding that wire id (a command is read before anything
+        // can answer it, so its id is still held).
+        let id = if wire == 0 {
+            0
+        } else {
+            request_of_wire(conn, tracker, wire)
+                .unwrap_or_else(|| panic!("the client wrote wire id {wire}, held by no request"))
+        };
+        assert!(self.seen.insert(id), "the client wrote request {id} twice");
         let mark = self.fds_marks.remove(&start);
         if id == 0 {
             assert!(
@@ -618,8 +640,22 @@ impl Wire {
                 assert_eq!(mark, None, "request {id} without fds marked with fds");
             }
         }
-        WrittenCommand { id, name, oob }
+        WrittenCommand {
+            id,
+            wire,
+            name,
+            oob,
+        }
     }
+}
+
+/// The request holding wire id `wire` now, if any.
+pub(crate) fn request_of_wire(conn: &Connection, tracker: &Tracker, wire: u64) -> Option<u64> {
+    tracker
+        .sent
+        .values()
+        .find(|r| conn.wire_id(r.id) == Some(wire))
+        .map(|r| r.id.get())
 }
 
 // --- Target 3 ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use qmp_proto::{CloseReason, Command, CommandError, Connection, ProtocolError};
 use serde_json::{Value, json};
 
-use crate::conn::{CmdInfo, Summary, Tracker, Wire, WrittenCommand};
+use crate::conn::{CmdInfo, Summary, Tracker, Wire, WrittenCommand, request_of_wire};
 use crate::splitter::{Style, render};
 use crate::{FuzzConfig, lex_value};
 
@@ -98,7 +98,10 @@ enum Expect {
 }
 
 struct SrvCmd {
+    /// The request it is (`RequestId::get`).
     id: u64,
+    /// The id it carried on the wire.
+    wire: u64,
     oob: bool,
     answered: bool,
 }
@@ -233,13 +236,13 @@ impl Server {
     fn reply(&mut self, i: usize, kind: &ReplyKind, pretty: bool) {
         let cmd = &mut self.cmds[i];
         cmd.answered = true;
-        let id = cmd.id;
+        let (id, wire) = (cmd.id, cmd.wire);
         let (text, expect) = match kind {
             ReplyKind::Return(n) => {
                 let ret = RETURNS[usize::from(*n) % RETURNS.len()];
                 let value: Value = serde_json::from_str(ret).expect("canned returns are JSON");
                 (
-                    format!(r#"{{"return": {ret}, "id": {id}}}"#),
+                    format!(r#"{{"return": {ret}, "id": {wire}}}"#),
                     Expect::Return(value),
                 )
             }
@@ -247,7 +250,7 @@ impl Server {
                 let (class, desc) = ERRORS[usize::from(*n) % ERRORS.len()];
                 let error = json!({"class": class, "desc": desc});
                 (
-                    format!(r#"{{"id": {id}, "error": {error}}}"#),
+                    format!(r#"{{"id": {wire}, "error": {error}}}"#),
                     Expect::Error {
                         class: class.into(),
                         desc: desc.into(),
@@ -257,7 +260,7 @@ impl Server {
             ReplyKind::TooLarge => {
                 let blob = "x".repeat(self.max_size);
                 (
-                    format!(r#"{{"return": {{"blob": "{blob}"}}, "id": {id}}}"#),
+                    format!(r#"{{"return": {{"blob": "{blob}"}}, "id": {wire}}}"#),
                     Expect::TooLarge(0),
                 )
             }
@@ -268,7 +271,7 @@ impl Server {
                     "]".repeat(self.max_depth)
                 );
                 (
-                    format!(r#"{{"id": {id}, "return": {deep}}}"#),
+                    format!(r#"{{"id": {wire}, "return": {deep}}}"#),
                     Expect::TooDeep(0),
                 )
             }
@@ -287,6 +290,7 @@ impl Server {
         for cmd in cmds {
             self.cmds.push(SrvCmd {
                 id: cmd.id,
+                wire: cmd.wire,
                 oob: cmd.oob,
                 answered: false,
             });
@@ -398,7 +402,7 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
                 }
                 let ids: Vec<u64> = t.sent.keys().copied().collect();
                 let id = ids[usize::from(which) % ids.len()];
-                let written = written_ids(&conn, &wire);
+                let written = written_ids(&conn, &t, &wire);
                 // The peek shows the whole transmit buffer unless an fds mark cuts it short.
                 let whole_view = t
                     .sent
@@ -451,15 +455,24 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
                 }
             }
             Op::Duplicate { k, pretty } => {
+                // Wire ids are reused once answered, so a second reply is taken for whichever
+                // request holds its id when it is read. Only send one whose fate is certain:
+                // everything before it read, its id held by nobody, delivered at once. It must
+                // come out unmatched.
                 let done: Vec<usize> = (0..server.cmds.len())
                     .filter(|&i| server.cmds[i].answered)
                     .collect();
-                if !done.is_empty() {
-                    server.reply(
-                        done[usize::from(k) % done.len()],
-                        &ReplyKind::Return(0),
-                        pretty,
-                    );
+                let settled = server.delivered == server.out.len()
+                    && conn.wants_read()
+                    && !conn.is_closed()
+                    && !t.eof;
+                if !done.is_empty() && settled {
+                    let i = done[usize::from(k) % done.len()];
+                    if request_of_wire(&conn, &t, server.cmds[i].wire).is_none() {
+                        server.reply(i, &ReplyKind::Return(0), pretty);
+                        let n = server.out.len() - server.delivered;
+                        deliver(&mut t, &mut conn, &mut server, n);
+                    }
                 }
             }
             Op::UnknownId { which, error } => {
@@ -562,15 +575,17 @@ fn receive(server: &mut Server, cmds: Vec<WrittenCommand>, never_written: &BTree
 }
 
 /// Ids of the commands already in the transmit buffer or on the wire, as far as one peek shows.
-fn written_ids(conn: &Connection, wire: &Wire) -> BTreeSet<u64> {
+fn written_ids(conn: &Connection, t: &Tracker, wire: &Wire) -> BTreeSet<u64> {
     let mut bytes = wire.unread().to_vec();
     if let Some(t) = conn.poll_transmit() {
         bytes.extend_from_slice(t.data);
     }
-    bytes
-        .split(|&b| b == b'\n')
-        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+    // Commands are written back to back; the view may end inside one.
+    serde_json::Deserializer::from_slice(&bytes)
+        .into_iter::<Value>()
+        .map_while(Result::ok)
         .filter_map(|v| v.get("id").and_then(Value::as_u64))
+        .filter_map(|w| request_of_wire(conn, t, w))
         .chain(wire.seen_ids())
         .collect()
 }

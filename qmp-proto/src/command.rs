@@ -24,7 +24,9 @@ const WRAPPER_TOKENS: usize = 16;
 pub struct RequestId(pub(crate) u64);
 
 impl RequestId {
-    /// The number sent on the wire as the command's `id`.
+    /// The number identifying the request on this connection, counting from 1. It is not the
+    /// `id` on the wire, which is a small number reused once free: see
+    /// [`Connection::wire_id`](crate::Connection::wire_id).
     pub fn get(self) -> u64 {
         self.0
     }
@@ -232,15 +234,15 @@ impl Command {
 
     /// Room for the wire form, to serialize it without reallocating.
     pub(crate) fn wire_capacity(&self) -> usize {
-        // {"exec-oob":"<name>","arguments":<args>,<extra>,"id":<20 digits>}\n
+        // {"exec-oob":"<name>","arguments":<args>,<extra>,"id":<20 digits>}
         16 + self.name.len() * 6 / 5
             + self.arguments.as_ref().map_or(0, |a| 13 + a.len())
             + self.extra.as_ref().map_or(0, |e| 1 + e.len())
             + 28
     }
 
-    /// Writes `{"execute":...,"id":<id>}\n`.
-    pub(crate) fn write_wire(&self, id: u64, out: &mut Vec<u8>) {
+    /// Writes `{"execute":...` up to where the id goes; [`end_with_id`] finishes it.
+    pub(crate) fn write_body(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(if self.oob {
             b"{\"exec-oob\":"
         } else {
@@ -255,9 +257,19 @@ impl Command {
             out.push(b',');
             out.extend_from_slice(extra);
         }
-        // Writing to a Vec cannot fail.
-        let _ = writeln!(out, ",\"id\":{id}}}");
     }
+}
+
+/// Ends a command written by [`Command::write_body`] with `,"id":<wire>}`. No newline: QEMU's
+/// parser ends a command at its closing brace, and it reads its socket a byte per system call.
+pub(crate) fn end_with_id(wire: u64, out: &mut Vec<u8>) {
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, ",\"id\":{wire}}}");
+}
+
+/// Bytes [`end_with_id`] adds for wire ids up to `max`.
+pub(crate) fn id_tail_len(max: u64) -> usize {
+    8 + max.checked_ilog10().unwrap_or(0) as usize
 }
 
 fn write_json_string(s: &str, out: &mut Vec<u8>) {
@@ -361,21 +373,25 @@ mod tests {
         Command::new("say \"hi\"")
             .arguments(&serde_json::json!({"k": 1}))
             .unwrap()
-            .write_wire(7, &mut out);
+            .write_body(&mut out);
+        end_with_id(7, &mut out);
         assert_eq!(
             out,
-            b"{\"execute\":\"say \\\"hi\\\"\",\"arguments\":{\"k\":1},\"id\":7}\n"
+            b"{\"execute\":\"say \\\"hi\\\"\",\"arguments\":{\"k\":1},\"id\":7}"
         );
         let raw = Command::from_json(
             serde_json::json!({"exec-oob": "x", "control": {"a": 1}, "id": "no"}),
         )
         .unwrap();
         out.clear();
-        raw.write_wire(1, &mut out);
-        assert_eq!(
-            out,
-            b"{\"exec-oob\":\"x\",\"control\":{\"a\":1},\"id\":1}\n"
-        );
+        raw.write_body(&mut out);
+        end_with_id(1, &mut out);
+        assert_eq!(out, b"{\"exec-oob\":\"x\",\"control\":{\"a\":1},\"id\":1}");
+        for max in [0, 1, 9, 10, 99, 100, 1023, u64::MAX] {
+            out.clear();
+            end_with_id(max, &mut out);
+            assert_eq!(out.len(), id_tail_len(max), "{max}");
+        }
     }
 
     #[test]

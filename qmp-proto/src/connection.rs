@@ -7,18 +7,16 @@ use std::time::Instant;
 use serde_json::value::RawValue;
 
 use crate::agent::{Agent, NO_SUCCESS_RESPONSE, SENTINEL};
-use crate::command::{Command, RequestId};
+use crate::command::{Command, RequestId, end_with_id, id_tail_len};
 use crate::config::Config;
 use crate::error::{
     CloseReason, CommandError, Excerpt, Malformed, MalformedKind, ProtocolError, SendError,
 };
 use crate::framing::{FrameError, JsonSplitter};
+use crate::ids::{NEGOTIATION_ID, WireIds};
 use crate::message::{Event, Greeting, QmpError, RawJson, Timestamp, Unmatched};
 use crate::transmit::{Transmit, TransmitBuf};
 use crate::wire::{self, Members};
-
-/// Id of the `qmp_capabilities` the connection sends itself; user ids start at 1.
-const NEGOTIATION_ID: u64 = 0;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,12 +123,12 @@ pub struct Stats {
 ///     "package": ""}, "capabilities": ["oob"]}}"#);
 /// assert!(matches!(conn.poll_output(), Some(Output::Greeting(g)) if g.version.major == 10));
 /// let sent = conn.poll_transmit().unwrap().data.to_vec();
-/// assert_eq!(sent, b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n");
+/// assert_eq!(sent, b"{\"execute\":\"qmp_capabilities\",\"id\":0}");
 /// conn.advance_transmit(sent.len());
 ///
 /// conn.handle_input(b"{\"return\": {}, \"id\": 0}\r\n");
 /// assert_eq!(conn.poll_output(), Some(Output::Ready { oob: false })); // OOB is opt-in
-/// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"query-status\",\"id\":1}\n");
+/// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"query-status\",\"id\":1}");
 ///
 /// conn.handle_input(b"{\"return\": {\"status\": \"running\"}, \"id\": 1}\r\n");
 /// let Some(Output::Response { id: got, result: Ok(status) }) = conn.poll_output() else { panic!() };
@@ -150,6 +148,8 @@ struct Session {
     oob: bool,
     next_id: u64,
     pending: BTreeMap<u64, Entry>,
+    /// Which pending request each id on the wire belongs to.
+    wire_ids: WireIds,
     /// Queued requests in submission order: all of them before `Ready`, then in-band ones
     /// waiting for a window slot.
     queue: VecDeque<u64>,
@@ -173,6 +173,8 @@ struct Session {
 
 struct Entry {
     oob: bool,
+    /// The id it carries on the wire, once written.
+    wire: Option<u64>,
     /// Sent [`Command::no_reply`]: silence until the deadline, or EOF, is its success.
     no_reply: bool,
     deadline: Option<Instant>,
@@ -232,6 +234,7 @@ impl Connection {
                 oob: false,
                 next_id: NEGOTIATION_ID + 1,
                 pending: BTreeMap::new(),
+                wire_ids: WireIds::default(),
                 queue: VecDeque::new(),
                 deadlines: BTreeSet::new(),
                 in_band_in_flight: 0,
@@ -277,7 +280,7 @@ impl Connection {
     /// conn.handle_input(format!("{{\"return\": {sync_id}}}\n").as_bytes());
     /// assert_eq!(conn.poll_output(), Some(Output::Ready { oob: false }));
     ///
-    /// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"guest-ping\",\"id\":1}\n");
+    /// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"guest-ping\",\"id\":1}");
     /// conn.handle_input(b"{\"return\": {}}\n"); // an old agent: no id echoed, matched by order
     /// assert!(matches!(conn.poll_output(), Some(Output::Response { id: got, result: Ok(_) }) if got == id));
     /// # Ok::<(), qmp_proto::SendError>(())
@@ -324,6 +327,32 @@ impl Connection {
     /// Requests awaiting an outcome: queued or in flight (not abandoned ones).
     pub fn pending(&self) -> usize {
         self.session.pending.len() - self.session.abandoned
+    }
+
+    /// The `id` request `id` carries on the wire, once it is written and until its response
+    /// arrives (for matching a request with the bytes a trace shows). Wire ids are small numbers
+    /// reused once free, because QEMU reads a command a byte per system call; a
+    /// [`RequestId`] is never reused.
+    ///
+    /// ```
+    /// use qmp_proto::{Command, Connection};
+    /// let mut conn = Connection::default();
+    /// conn.handle_input(br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10},
+    ///     "package": ""}, "capabilities": []}}"#);
+    /// let n = conn.poll_transmit().unwrap().data.len();
+    /// conn.advance_transmit(n);
+    /// conn.handle_input(b"{\"return\": {}, \"id\": 0}\r\n");
+    ///
+    /// let a = conn.send(Command::new("query-status")).unwrap();
+    /// assert_eq!(conn.wire_id(a), Some(1));
+    /// conn.handle_input(b"{\"return\": {}, \"id\": 1}\r\n");
+    /// assert_eq!(conn.wire_id(a), None); // answered: 1 is free again
+    /// let b = conn.send(Command::new("query-status")).unwrap();
+    /// assert!(b != a);
+    /// assert_eq!(conn.wire_id(b), Some(1));
+    /// ```
+    pub fn wire_id(&self, id: RequestId) -> Option<u64> {
+        self.session.pending.get(&id.0).and_then(|e| e.wire)
     }
 
     /// Requests waiting to be written (before the handshake, or for a window slot).
@@ -534,7 +563,7 @@ impl Session {
     fn on_frame_error(&mut self, e: FrameError) {
         let answers = match e {
             FrameError::TooLarge { id, .. } | FrameError::TooDeep { id, .. } => {
-                self.answered_by(id)
+                self.answered_by(id.map(Some))
             }
             _ => None,
         };
@@ -642,7 +671,6 @@ impl Session {
         } else {
             out.extend_from_slice(br#"{"execute":"qmp_capabilities","id":0}"#);
         }
-        out.push(b'\n');
     }
 
     fn become_ready(&mut self, oob: bool) {
@@ -681,7 +709,7 @@ impl Session {
             };
         }
         let id = match m.id {
-            Some(_) => m.numeric_id().filter(|&id| self.awaits(id)),
+            Some(_) => self.answered_by(Some(m.numeric_id())),
             None => self.answered_by(None),
         };
         match id {
@@ -700,13 +728,16 @@ impl Session {
         }
     }
 
-    /// The request a response (or an unreadable one, by its sniffed id) answers. Without an id:
-    /// on a guest-agent connection the one command in flight (old agents do not echo ids, and
-    /// the agent answers in order); on QMP nothing, as QEMU's id-less errors are about input it
+    /// The request a response (or an unreadable one, by its sniffed id) answers: `Some(wire id)`,
+    /// `Some(None)` for an id that is not a wire id, `None` for no id. Without an id: on a
+    /// guest-agent connection the one command in flight (old agents do not echo ids, and the
+    /// agent answers in order); on QMP nothing, as QEMU's id-less errors are about input it
     /// could not parse, not about any request.
-    fn answered_by(&self, id: Option<u64>) -> Option<u64> {
+    fn answered_by(&self, id: Option<Option<u64>>) -> Option<u64> {
         match id {
-            Some(id) => self.awaits(id).then_some(id),
+            Some(wire) => wire
+                .and_then(|w| self.wire_ids.holder(w))
+                .filter(|&id| self.awaits(id)),
             None if self.agent.is_some() && self.state == State::Ready => self
                 .pending
                 .iter()
@@ -727,12 +758,9 @@ impl Session {
     /// Completes a written request with the response that arrived for it (dropped if abandoned),
     /// freeing its window slot.
     fn finish(&mut self, id: u64, result: Result<RawJson, CommandError>) {
-        let Some(e) = self.pending.remove(&id) else {
+        let Some(e) = self.remove(id) else {
             return;
         };
-        if let Some(at) = e.deadline {
-            self.deadlines.remove(&(at, id));
-        }
         if !e.oob {
             self.in_band_in_flight -= 1;
         }
@@ -786,16 +814,23 @@ impl Session {
         let write_now = self.state == State::Ready
             && (oob || (self.queue.is_empty() && self.in_band_in_flight < self.window()));
         let limit = self.config.max_command_size;
+        // The size is checked with the longest id the command could get, so that whether it fits
+        // does not depend on when it is written.
+        let id_room = id_tail_len(self.config.max_pending as u64);
+        let mut wire = None;
         let stage = if write_now {
             let out = self.transmit.buf();
             let start = out.len();
-            cmd.write_wire(id, out);
-            let size = out.len() - start;
+            cmd.write_body(out);
+            let size = out.len() - start + id_room;
             if size > limit {
                 out.truncate(start);
                 // The id is not used up: ids stay dense for the commands actually sent.
                 return Err(SendError::TooLarge { size, limit });
             }
+            let w = self.wire_ids.take(id);
+            end_with_id(w, self.transmit.buf());
+            wire = Some(w);
             if cmd.has_fds() {
                 self.transmit.mark_fds_at(start, RequestId(id));
             }
@@ -805,12 +840,10 @@ impl Session {
             Stage::InFlight
         } else {
             let mut bytes = Vec::with_capacity(cmd.wire_capacity());
-            cmd.write_wire(id, &mut bytes);
-            if bytes.len() > limit {
-                return Err(SendError::TooLarge {
-                    size: bytes.len(),
-                    limit,
-                });
+            cmd.write_body(&mut bytes);
+            let size = bytes.len() + id_room;
+            if size > limit {
+                return Err(SendError::TooLarge { size, limit });
             }
             self.queue.push_back(id);
             Stage::Queued {
@@ -825,6 +858,7 @@ impl Session {
         }
         let entry = Entry {
             oob,
+            wire,
             no_reply,
             deadline,
             enables_oob: cmd.enables_oob(),
@@ -871,19 +905,32 @@ impl Session {
         if !e.oob {
             self.in_band_in_flight += 1;
         }
+        let wire = self.wire_ids.take(id);
+        e.wire = Some(wire);
         if fds {
             self.transmit.mark_fds(RequestId(id));
         }
-        self.transmit.buf().extend_from_slice(&bytes);
+        let out = self.transmit.buf();
+        out.extend_from_slice(&bytes);
+        end_with_id(wire, out);
+    }
+
+    /// Forgets request `id`: its entry, deadline and wire id.
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let e = self.pending.remove(&id)?;
+        if let Some(at) = e.deadline {
+            self.deadlines.remove(&(at, id));
+        }
+        if let Some(wire) = e.wire {
+            self.wire_ids.release(wire);
+        }
+        Some(e)
     }
 
     /// Completes a request that has not been answered, with `result`.
     fn complete(&mut self, id: u64, result: Result<RawJson, CommandError>) {
-        let Some(e) = self.pending.remove(&id) else {
+        if self.remove(id).is_none() {
             return;
-        };
-        if let Some(at) = e.deadline {
-            self.deadlines.remove(&(at, id));
         }
         self.output(Output::Response {
             id: RequestId(id),
@@ -983,12 +1030,9 @@ impl Session {
             .map(|(&id, _)| id)
             .collect();
         for id in in_flight {
-            let Some(e) = self.pending.remove(&id) else {
+            let Some(e) = self.remove(id) else {
                 continue;
             };
-            if let Some(at) = e.deadline {
-                self.deadlines.remove(&(at, id));
-            }
             if matches!(e.stage, Stage::Abandoned) {
                 self.abandoned -= 1;
             } else {
@@ -1038,6 +1082,7 @@ impl Session {
         }
         self.queue.clear();
         self.deadlines.clear();
+        self.wire_ids.clear();
         self.transmit.clear();
         self.in_band_in_flight = 0;
         self.abandoned = 0;

@@ -497,11 +497,16 @@ fn max_pending_refuses_more_requests_until_one_completes() {
     let _ = pair.execute("again");
 }
 
-/// A command named `name` whose wire form `{"execute":...,"arguments":{"s":"ppp"},"id":<id>}\n` is
-/// exactly `size` bytes.
-fn command_of_size(name: &str, size: usize, id: u64) -> Command {
+/// The longest wire id with the default `max_pending` (1024), which a command's size is counted
+/// with, whatever id it gets.
+const LONGEST_ID: u64 = 1024;
+
+/// A command named `name` whose size as counted against `max_command_size` (its wire form
+/// `{"execute":...,"arguments":{"s":"ppp"},"id":<LONGEST_ID>}`) is exactly `size` bytes.
+fn command_of_size(name: &str, size: usize) -> Command {
     let base =
-        format!("{{\"execute\":\"{name}\",\"arguments\":{{\"s\":\"\"}},\"id\":{id}}}\n").len();
+        format!("{{\"execute\":\"{name}\",\"arguments\":{{\"s\":\"\"}},\"id\":{LONGEST_ID}}}")
+            .len();
     assert!(size >= base, "{size} < {base}");
     Command::new(name)
         .arguments(&json!({ "s": "p".repeat(size - base) }))
@@ -526,7 +531,7 @@ fn max_command_size_refuses_larger_commands_and_writes_nothing() {
     ));
     // One byte over, then exactly at the limit.
     assert_eq!(
-        pair.client.send(command_of_size("x", limit + 1, 1)),
+        pair.client.send(command_of_size("x", limit + 1)),
         Err(SendError::TooLarge {
             size: limit + 1,
             limit
@@ -534,10 +539,11 @@ fn max_command_size_refuses_larger_commands_and_writes_nothing() {
     );
     assert_eq!(pair.client.pending(), 0);
     assert!(pair.client.poll_transmit().is_none(), "nothing written");
-    // Ids are never reused, so the next one is 1 or 2: one digit either way.
-    let _ = pair.send(command_of_size("x", limit, 2));
+    // Written with wire id 1, three digits shorter than the longest.
+    let _ = pair.send(command_of_size("x", limit));
     let wire = take_transmit(&mut pair.client);
-    assert_eq!(wire.len(), limit);
+    assert_eq!(wire.len(), limit - 3);
+    assert!(wire.ends_with(b",\"id\":1}"));
     assert!(wire.starts_with(b"{\"execute\":\"x\""));
 }
 
@@ -551,9 +557,9 @@ fn a_command_of_exactly_max_command_size_is_accepted_whatever_its_name() {
         .build()
         .unwrap();
     let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
-    let cmd = command_of_size(&name, limit, 1);
+    let cmd = command_of_size(&name, limit);
     assert_eq!(pair.client.send(cmd).map(|id| id.get()), Ok(1));
-    assert_eq!(take_transmit(&mut pair.client).len(), limit);
+    assert_eq!(take_transmit(&mut pair.client).len(), limit - 3);
 }
 
 #[test]
@@ -564,7 +570,7 @@ fn too_large_reports_the_serialized_size() {
         .build()
         .unwrap();
     let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
-    let cmd = command_of_size("query-status", 500, 1);
+    let cmd = command_of_size("query-status", 500);
     assert_eq!(
         pair.client.send(cmd),
         Err(SendError::TooLarge {

@@ -58,7 +58,7 @@ fn error_classes_are_an_open_set_and_unknown_members_are_tolerated() {
 }
 
 #[test]
-fn ids_are_unique_increasing_and_written_as_numbers() {
+fn ids_are_unique_increasing_and_wire_ids_small_numbers() {
     let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let ids: Vec<_> = (0..100).map(|_| pair.execute("query-version")).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
@@ -70,11 +70,14 @@ fn ids_are_unique_increasing_and_written_as_numbers() {
         pair.server.reply_all();
         pair.drive();
     }
+    // On the wire, the smallest id free when each was written: with at most 8 in flight, the
+    // replies to each batch free 1..=8 for the next.
     let wire: Vec<u64> = pair.server.log[1..]
         .iter()
         .map(|c| c["id"].as_u64().unwrap())
         .collect();
-    assert_eq!(wire, ids.iter().map(|i| i.get()).collect::<Vec<_>>());
+    let want: Vec<u64> = (0..100).map(|i| i % 8 + 1).collect();
+    assert_eq!(wire, want);
 }
 
 #[test]
@@ -252,7 +255,7 @@ fn unit_or_none_arguments_mean_no_arguments() {
     out.extend(take_transmit(&mut conn));
     assert_eq!(
         out,
-        b"{\"execute\":\"a\",\"id\":1}\n{\"execute\":\"b\",\"id\":2}\n"
+        b"{\"execute\":\"a\",\"id\":1}{\"execute\":\"b\",\"id\":2}"
     );
 }
 
@@ -290,4 +293,44 @@ fn arguments_and_raw_commands_go_out_as_given_with_our_id() {
         pair.server.log[2],
         json!({"execute": "query-status", "arguments": {"x": "é"}, "id": b.get()})
     );
+}
+
+#[test]
+#[allow(clippy::disallowed_methods)] // Instant::now: any starting instant will do
+fn a_wire_id_is_reused_only_once_its_response_arrived() {
+    let mut conn = qmp_proto::Connection::new(Config::builder().negotiate(false).build().unwrap());
+    conn.handle_input(GREETING_10.as_bytes());
+    let _ = drain(&mut conn);
+    let t0 = std::time::Instant::now();
+    let slow = conn
+        .send(Command::new("slow").deadline(t0 + std::time::Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"slow\",\"id\":1}");
+    conn.handle_timeout(t0 + std::time::Duration::from_secs(1));
+    assert!(matches!(
+        &drain(&mut conn)[..],
+        [Output::Response { id, result: Err(CommandError::TimedOut) }] if *id == slow
+    ));
+    // Timed out but answered later: 1 stays taken until its late reply arrives.
+    let next = conn.send(Command::new("next")).unwrap();
+    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"next\",\"id\":2}");
+    conn.handle_input(b"{\"return\": \"late\", \"id\": 1}\r\n");
+    assert_eq!(drain(&mut conn), []);
+    assert_eq!(conn.stats().late, 1);
+    conn.handle_input(b"{\"return\": \"mine\", \"id\": 2}\r\n");
+    assert!(matches!(
+        &drain(&mut conn)[..],
+        [Output::Response { id, result: Ok(v) }] if *id == next && v.get() == "\"mine\""
+    ));
+    // Both are free now; the smallest goes first. A second reply to an id nobody holds is
+    // unmatched, never taken for another request.
+    conn.handle_input(b"{\"return\": \"again\", \"id\": 2}\r\n");
+    assert!(matches!(&drain(&mut conn)[..], [Output::Unmatched(_)]));
+    let third = conn.send(Command::new("third")).unwrap();
+    assert_eq!(conn.wire_id(third), Some(1));
+    assert_eq!(
+        take_transmit(&mut conn),
+        b"{\"execute\":\"third\",\"id\":1}"
+    );
+    assert!(third > next && next > slow, "request ids are never reused");
 }

@@ -177,6 +177,21 @@ pub struct ServerConn {
     pub lf: bool,
 }
 
+/// Takes the whole JSON values at the start of `inbox`, leaving an incomplete one there. Clients
+/// write commands back to back, with or without a newline (QEMU ends a command at its closing
+/// brace), so a server reads them as a JSON stream, not as lines.
+pub fn take_commands(inbox: &mut Vec<u8>) -> Vec<Value> {
+    let mut stream = serde_json::Deserializer::from_slice(inbox).into_iter::<Value>();
+    let mut consumed = 0;
+    let mut got = Vec::new();
+    while let Some(Ok(v)) = stream.next() {
+        consumed = stream.byte_offset();
+        got.push(v);
+    }
+    inbox.drain(..consumed);
+    got
+}
+
 impl ServerConn {
     /// Serves the client on the other end of `stream` (for socketpair tests).
     pub fn from_stream(stream: UnixStream) -> Self {
@@ -275,14 +290,7 @@ impl ServerConn {
                     self.inbox.push(b);
                 }
             }
-            let mut stream = serde_json::Deserializer::from_slice(&self.inbox).into_iter::<Value>();
-            let mut consumed = 0;
-            let mut got = Vec::new();
-            while let Some(Ok(v)) = stream.next() {
-                consumed = stream.byte_offset();
-                got.push(v);
-            }
-            self.inbox.drain(..consumed);
+            let got = take_commands(&mut self.inbox);
             let mut fds = std::mem::take(&mut self.fds);
             for command in got {
                 // Descriptors belong to the first command read with them.

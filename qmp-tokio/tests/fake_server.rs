@@ -5,25 +5,26 @@ use std::os::fd::OwnedFd;
 
 use qmp_testkit::ServerConn;
 use qmp_tokio::{Error, Options};
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[tokio::test]
 async fn file_descriptors_over_tcp_are_a_clear_error() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let (s, _) = listener.accept().await.unwrap();
-        let (r, mut w) = s.into_split();
-        w.write_all(format!("{}\r\n", qmp_testkit::GREETING).as_bytes())
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(format!("{}\r\n", qmp_testkit::GREETING).as_bytes())
             .await
             .unwrap();
-        let mut lines = BufReader::new(r).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let cmd: Value = serde_json::from_str(&line).unwrap();
-            w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\r\n", cmd["id"]).as_bytes())
-                .await
-                .unwrap();
+        let mut inbox = Vec::new();
+        let mut buf = [0; 4096];
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            inbox.extend_from_slice(&buf[..n]);
+            for cmd in qmp_testkit::take_commands(&mut inbox) {
+                let reply = format!("{{\"return\": {{}}, \"id\": {}}}\r\n", cmd["id"]);
+                s.write_all(reply.as_bytes()).await.unwrap();
+            }
         }
     });
     let client = qmp_tokio::connect(addr, Options::new()).await.unwrap();
@@ -63,23 +64,22 @@ async fn wrap_any_stream_and_raw_commands() {
     // And over a generic in-memory stream (no fds there).
     let (a, b) = tokio::io::duplex(64);
     tokio::spawn(async move {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let (r, mut w) = tokio::io::split(b);
-        w.write_all(format!("{}\r\n", qmp_testkit::GREETING).as_bytes())
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut b = b;
+        b.write_all(format!("{}\r\n", qmp_testkit::GREETING).as_bytes())
             .await
             .unwrap();
-        let mut lines = BufReader::new(r).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let cmd: Value = serde_json::from_str(&line).unwrap();
-            w.write_all(
-                format!(
+        let mut inbox = Vec::new();
+        let mut buf = [0; 64];
+        while let Ok(n @ 1..) = b.read(&mut buf).await {
+            inbox.extend_from_slice(&buf[..n]);
+            for cmd in qmp_testkit::take_commands(&mut inbox) {
+                let reply = format!(
                     "{{\"return\": {}, \"id\": {}}}\r\n",
                     cmd["execute"], cmd["id"]
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
+                );
+                b.write_all(reply.as_bytes()).await.unwrap();
+            }
         }
     });
     let client = qmp_tokio::wrap(a, Options::new()).await.unwrap();
