@@ -33,6 +33,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 use std::io;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -144,7 +145,7 @@ fn parts(stream: Stream) -> (TokioTransport, TokioTimer, Arc<dyn Runtime>) {
         at: None,
     };
     let runtime = Arc::new(TokioRuntime(tokio::runtime::Handle::current()));
-    (TokioTransport(stream), timer, runtime)
+    (TokioTransport::new(stream), timer, runtime)
 }
 
 /// A socket QEMU connects to (its `server=off` chardevs): bind, start QEMU, accept.
@@ -245,12 +246,49 @@ impl Stream {
     }
 }
 
-struct TokioTransport(Stream);
+struct TokioTransport {
+    stream: Stream,
+    /// Bytes were written since the last read: the reply may already be there.
+    wrote: bool,
+}
+
+impl TokioTransport {
+    fn new(stream: Stream) -> Self {
+        Self {
+            stream,
+            wrote: false,
+        }
+    }
+
+    /// Right after a write, reads the socket directly, without waiting for the reactor to report
+    /// it readable. A peer on the same CPU (QEMU next to its manager, a test server) often answers
+    /// within our `send`; then this saves an `epoll_wait` round per reply. When nothing is there
+    /// yet it costs one `recv` that fails, and the usual path (which registers for readiness)
+    /// follows. Reading behind tokio's back is safe: its readiness is only a hint, cleared by the
+    /// next `WouldBlock`.
+    fn read_after_write(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        let fd = match &self.stream {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Other(_) => return None,
+        };
+        match rustix::net::recv(fd, buf, rustix::net::RecvFlags::DONTWAIT) {
+            Ok((n, _)) => Some(Ok(n)),
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => None,
+            Err(e) => Some(Err(e.into())),
+        }
+    }
+}
 
 impl Transport for TokioTransport {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if std::mem::take(&mut self.wrote)
+            && let Some(result) = self.read_after_write(buf)
+        {
+            return Poll::Ready(result);
+        }
         let mut buf = ReadBuf::new(buf);
-        ready!(self.0.io().poll_read(cx, &mut buf))?;
+        ready!(self.stream.io().poll_read(cx, &mut buf))?;
         Poll::Ready(Ok(buf.filled().len()))
     }
 
@@ -260,30 +298,32 @@ impl Transport for TokioTransport {
         data: &[u8],
         fds: &[std::os::fd::OwnedFd],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.0 {
+        let written = match &mut self.stream {
             Stream::Unix(s) if !fds.is_empty() => loop {
                 ready!(s.poll_write_ready(cx))?;
                 match s.try_io(tokio::io::Interest::WRITABLE, || {
                     send_with_fds(&*s, data, fds)
                 }) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    result => return Poll::Ready(result),
+                    result => break Poll::Ready(result),
                 }
             },
             stream => stream.io().poll_write(cx, data),
-        }
+        };
+        self.wrote |= matches!(written, Poll::Ready(Ok(n)) if n > 0);
+        written
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.io().poll_flush(cx)
+        self.stream.io().poll_flush(cx)
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.io().poll_shutdown(cx)
+        self.stream.io().poll_shutdown(cx)
     }
 
     fn can_pass_fds(&self) -> bool {
-        matches!(self.0, Stream::Unix(_))
+        matches!(self.stream, Stream::Unix(_))
     }
 }
 
