@@ -155,7 +155,11 @@ fn parts(stream: Stream) -> (AsyncIoTransport, IoTimer, Arc<dyn Runtime>) {
         timer: AsyncTimer::never(),
         at: None,
     };
-    (AsyncIoTransport(stream), timer, Arc::new(AsyncIoRuntime))
+    let transport = AsyncIoTransport {
+        stream,
+        drained: false,
+    };
+    (transport, timer, Arc::new(AsyncIoRuntime))
 }
 
 /// A socket QEMU connects to (its `server=off` chardevs): bind, start QEMU, accept.
@@ -247,11 +251,30 @@ impl Stream {
     }
 }
 
-struct AsyncIoTransport(Stream);
+struct AsyncIoTransport {
+    stream: Stream,
+    /// The last read came back short: the socket is very likely empty, so the next read waits
+    /// for readiness instead of trying (and failing with `EAGAIN`) first. A write clears it, as
+    /// a reply may follow at once.
+    drained: bool,
+}
 
 impl Transport for AsyncIoTransport {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        self.0.io().poll_read(cx, buf)
+        if std::mem::take(&mut self.drained) {
+            let readable = match &self.stream {
+                Stream::Unix(s) => s.poll_readable(cx),
+                Stream::Tcp(s) => s.poll_readable(cx),
+                Stream::Other(_) => Poll::Ready(Ok(())),
+            };
+            if readable.is_pending() {
+                self.drained = true;
+                return Poll::Pending;
+            }
+        }
+        let read = ready!(self.stream.io().poll_read(cx, buf));
+        self.drained = matches!(read, Ok(n) if n > 0 && n < buf.len());
+        Poll::Ready(read)
     }
 
     fn poll_write(
@@ -260,7 +283,8 @@ impl Transport for AsyncIoTransport {
         data: &[u8],
         fds: &[std::os::fd::OwnedFd],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.0 {
+        self.drained = false;
+        match &mut self.stream {
             Stream::Unix(s) if !fds.is_empty() => loop {
                 match send_with_fds(s.get_ref(), data, fds) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(s.poll_writable(cx))?,
@@ -272,11 +296,11 @@ impl Transport for AsyncIoTransport {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.io().poll_flush(cx)
+        self.stream.io().poll_flush(cx)
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.0 {
+        match &mut self.stream {
             // `Async`'s poll_close only flushes: shut the write side down so the peer sees EOF.
             Stream::Unix(s) => Poll::Ready(s.get_ref().shutdown(std::net::Shutdown::Write)),
             Stream::Tcp(s) => Poll::Ready(s.get_ref().shutdown(std::net::Shutdown::Write)),
@@ -285,7 +309,7 @@ impl Transport for AsyncIoTransport {
     }
 
     fn can_pass_fds(&self) -> bool {
-        matches!(self.0, Stream::Unix(_))
+        matches!(self.stream, Stream::Unix(_))
     }
 }
 

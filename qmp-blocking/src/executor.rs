@@ -116,6 +116,7 @@ pub(crate) fn parts(
             io,
             shared: Arc::clone(&shared),
             can_pass_fds,
+            drained: false,
         },
         PollTimer {
             shared: Arc::clone(&shared),
@@ -131,6 +132,11 @@ pub(crate) struct PollTransport {
     io: Io,
     shared: Arc<Shared>,
     can_pass_fds: bool,
+    /// The last read from a socket came back short: it is very likely empty, so the next read
+    /// waits for `poll` (level-triggered: data already there wakes it at once) instead of trying
+    /// and failing with `EAGAIN` first. A write clears it, as a reply may follow at once. Not for
+    /// other streams, which may hold data the descriptor does not show (TLS).
+    drained: bool,
 }
 
 impl PollTransport {
@@ -148,7 +154,14 @@ impl PollTransport {
 
 impl Transport for PollTransport {
     fn poll_read(&mut self, _cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        Self::ready(self.io.read(buf), &self.shared.want_read)
+        if std::mem::take(&mut self.drained) {
+            self.shared.want_read.store(true, Ordering::Release);
+            return Poll::Pending;
+        }
+        let read = self.io.read(buf);
+        self.drained =
+            !matches!(self.io, Io::Other(_)) && matches!(read, Ok(n) if n > 0 && n < buf.len());
+        Self::ready(read, &self.shared.want_read)
     }
 
     fn poll_write(
@@ -157,6 +170,7 @@ impl Transport for PollTransport {
         data: &[u8],
         fds: &[OwnedFd],
     ) -> Poll<io::Result<usize>> {
+        self.drained = false;
         let result = match &self.io {
             Io::Unix(s) if !fds.is_empty() => send_with_fds(s, data, fds),
             _ => self.io.write(data),
