@@ -260,16 +260,17 @@ impl Command {
     }
 }
 
-/// Ends a command written by [`Command::write_body`] with `,"id":<wire>}`. No newline: QEMU's
-/// parser ends a command at its closing brace, and it reads its socket a byte per system call.
+/// Ends a command written by [`Command::write_body`] with `,"id":<wire>}\n`. QEMU's parser needs
+/// no newline (it ends a command at its closing brace), but line-based peers and logs do, and it
+/// costs QEMU one more one-byte read.
 pub(crate) fn end_with_id(wire: u64, out: &mut Vec<u8>) {
     // Writing to a Vec cannot fail.
-    let _ = write!(out, ",\"id\":{wire}}}");
+    let _ = writeln!(out, ",\"id\":{wire}}}");
 }
 
 /// Bytes [`end_with_id`] adds for wire ids up to `max`.
 pub(crate) fn id_tail_len(max: u64) -> usize {
-    8 + max.checked_ilog10().unwrap_or(0) as usize
+    9 + max.checked_ilog10().unwrap_or(0) as usize
 }
 
 fn write_json_string(s: &str, out: &mut Vec<u8>) {
@@ -377,7 +378,7 @@ mod tests {
         end_with_id(7, &mut out);
         assert_eq!(
             out,
-            b"{\"execute\":\"say \\\"hi\\\"\",\"arguments\":{\"k\":1},\"id\":7}"
+            b"{\"execute\":\"say \\\"hi\\\"\",\"arguments\":{\"k\":1},\"id\":7}\n"
         );
         let raw = Command::from_json(
             serde_json::json!({"exec-oob": "x", "control": {"a": 1}, "id": "no"}),
@@ -386,7 +387,10 @@ mod tests {
         out.clear();
         raw.write_body(&mut out);
         end_with_id(1, &mut out);
-        assert_eq!(out, b"{\"exec-oob\":\"x\",\"control\":{\"a\":1},\"id\":1}");
+        assert_eq!(
+            out,
+            b"{\"exec-oob\":\"x\",\"control\":{\"a\":1},\"id\":1}\n"
+        );
         for max in [0, 1, 9, 10, 99, 100, 1023, u64::MAX] {
             out.clear();
             end_with_id(max, &mut out);

@@ -123,12 +123,12 @@ pub struct Stats {
 ///     "package": ""}, "capabilities": ["oob"]}}"#);
 /// assert!(matches!(conn.poll_output(), Some(Output::Greeting(g)) if g.version.major == 10));
 /// let sent = conn.poll_transmit().unwrap().data.to_vec();
-/// assert_eq!(sent, b"{\"execute\":\"qmp_capabilities\",\"id\":0}");
+/// assert_eq!(sent, b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n");
 /// conn.advance_transmit(sent.len());
 ///
 /// conn.handle_input(b"{\"return\": {}, \"id\": 0}\r\n");
 /// assert_eq!(conn.poll_output(), Some(Output::Ready { oob: false })); // OOB is opt-in
-/// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"query-status\",\"id\":1}");
+/// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"query-status\",\"id\":1}\n");
 ///
 /// conn.handle_input(b"{\"return\": {\"status\": \"running\"}, \"id\": 1}\r\n");
 /// let Some(Output::Response { id: got, result: Ok(status) }) = conn.poll_output() else { panic!() };
@@ -280,7 +280,7 @@ impl Connection {
     /// conn.handle_input(format!("{{\"return\": {sync_id}}}\n").as_bytes());
     /// assert_eq!(conn.poll_output(), Some(Output::Ready { oob: false }));
     ///
-    /// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"guest-ping\",\"id\":1}");
+    /// assert_eq!(conn.poll_transmit().unwrap().data, b"{\"execute\":\"guest-ping\",\"id\":1}\n");
     /// conn.handle_input(b"{\"return\": {}}\n"); // an old agent: no id echoed, matched by order
     /// assert!(matches!(conn.poll_output(), Some(Output::Response { id: got, result: Ok(_) }) if got == id));
     /// # Ok::<(), qmp_proto::SendError>(())
@@ -671,6 +671,7 @@ impl Session {
         } else {
             out.extend_from_slice(br#"{"execute":"qmp_capabilities","id":0}"#);
         }
+        out.push(b'\n');
     }
 
     fn become_ready(&mut self, oob: bool) {

@@ -20,7 +20,7 @@ fn a_command_with_fds_starts_its_own_transmit() {
     assert_eq!(t.fds_for, None);
     assert_eq!(
         t.data,
-        format!("{{\"execute\":\"query-version\",\"id\":{before}}}").as_bytes()
+        format!("{{\"execute\":\"query-version\",\"id\":{before}}}\n").as_bytes()
     );
     let n = t.data.len();
     pair.client.advance_transmit(n);
@@ -30,7 +30,7 @@ fn a_command_with_fds_starts_its_own_transmit() {
     assert!(t.data.starts_with(b"{\"execute\":\"getfd\""));
     assert!(
         t.data
-            .ends_with(format!("{{\"execute\":\"query-status\",\"id\":{after}}}").as_bytes())
+            .ends_with(format!("{{\"execute\":\"query-status\",\"id\":{after}}}\n").as_bytes())
     );
     // A partial write carries the fds with its first byte; the rest has none.
     pair.client.advance_transmit(1);

@@ -168,7 +168,7 @@ fn junk_stale_replies_and_wrong_sync_ids_are_discarded_until_ours() {
     assert_eq!(drain(&mut conn), [Output::Ready { oob: false }]);
     assert_eq!(
         take_transmit(&mut conn),
-        b"{\"execute\":\"guest-ping\",\"id\":1}"
+        b"{\"execute\":\"guest-ping\",\"id\":1}\n"
     );
     conn.handle_input(b"{\"return\": {}, \"id\": 1}\n");
     assert_eq!(ok(&drain(&mut conn)[0]).0, ping);
@@ -181,14 +181,14 @@ fn one_command_at_a_time_matched_by_order_without_ids() {
     let mut conn = synced();
     let a = conn.send(Command::new("a")).unwrap();
     let b = conn.send(Command::new("b")).unwrap();
-    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"a\",\"id\":1}");
+    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"a\",\"id\":1}\n");
     assert_eq!((conn.in_flight(), conn.queued()), (1, 1));
     // An id-less error here is the agent's answer to the one command it was given.
     conn.handle_input(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"no\"}}\n");
     let out = drain(&mut conn);
     assert_eq!(err(&out[0]).0, a);
     // a's wire id is free again: b carries it.
-    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"b\",\"id\":1}");
+    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"b\",\"id\":1}\n");
     // A reply whose id is not ours answers nothing; a reply with ours does.
     conn.handle_input(b"{\"return\": 1, \"id\": \"x\"}\n{\"return\": 2, \"id\": 1}\n");
     let out = drain(&mut conn);
@@ -225,7 +225,7 @@ fn timeout_resyncs_so_a_late_reply_is_never_taken_for_the_next() {
     // from being taken for this one.
     assert_eq!(
         take_transmit(&mut conn),
-        b"{\"execute\":\"guest-ping\",\"id\":1}"
+        b"{\"execute\":\"guest-ping\",\"id\":1}\n"
     );
     conn.handle_input(b"{\"return\": {}}\n");
     assert_eq!(ok(&drain(&mut conn)[0]), (next, json!({})));
@@ -333,7 +333,7 @@ fn resync_on_request_gives_up_what_is_in_flight() {
     conn.handle_input(&reply);
     assert_eq!(drain(&mut conn), [Output::Ready { oob: false }]);
     // The resync freed a's wire id.
-    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"b\",\"id\":1}");
+    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"b\",\"id\":1}\n");
     assert!(
         !Connection::default().resync(),
         "QMP connections do not resync"

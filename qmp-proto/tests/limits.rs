@@ -502,10 +502,10 @@ fn max_pending_refuses_more_requests_until_one_completes() {
 const LONGEST_ID: u64 = 1024;
 
 /// A command named `name` whose size as counted against `max_command_size` (its wire form
-/// `{"execute":...,"arguments":{"s":"ppp"},"id":<LONGEST_ID>}`) is exactly `size` bytes.
+/// `{"execute":...,"arguments":{"s":"ppp"},"id":<LONGEST_ID>}\n`) is exactly `size` bytes.
 fn command_of_size(name: &str, size: usize) -> Command {
     let base =
-        format!("{{\"execute\":\"{name}\",\"arguments\":{{\"s\":\"\"}},\"id\":{LONGEST_ID}}}")
+        format!("{{\"execute\":\"{name}\",\"arguments\":{{\"s\":\"\"}},\"id\":{LONGEST_ID}}}\n")
             .len();
     assert!(size >= base, "{size} < {base}");
     Command::new(name)
@@ -543,7 +543,7 @@ fn max_command_size_refuses_larger_commands_and_writes_nothing() {
     let _ = pair.send(command_of_size("x", limit));
     let wire = take_transmit(&mut pair.client);
     assert_eq!(wire.len(), limit - 3);
-    assert!(wire.ends_with(b",\"id\":1}"));
+    assert!(wire.ends_with(b",\"id\":1}\n"));
     assert!(wire.starts_with(b"{\"execute\":\"x\""));
 }
 

@@ -255,7 +255,7 @@ fn unit_or_none_arguments_mean_no_arguments() {
     out.extend(take_transmit(&mut conn));
     assert_eq!(
         out,
-        b"{\"execute\":\"a\",\"id\":1}{\"execute\":\"b\",\"id\":2}"
+        b"{\"execute\":\"a\",\"id\":1}\n{\"execute\":\"b\",\"id\":2}\n"
     );
 }
 
@@ -305,7 +305,10 @@ fn a_wire_id_is_reused_only_once_its_response_arrived() {
     let slow = conn
         .send(Command::new("slow").deadline(t0 + std::time::Duration::from_secs(1)))
         .unwrap();
-    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"slow\",\"id\":1}");
+    assert_eq!(
+        take_transmit(&mut conn),
+        b"{\"execute\":\"slow\",\"id\":1}\n"
+    );
     conn.handle_timeout(t0 + std::time::Duration::from_secs(1));
     assert!(matches!(
         &drain(&mut conn)[..],
@@ -313,7 +316,10 @@ fn a_wire_id_is_reused_only_once_its_response_arrived() {
     ));
     // Timed out but answered later: 1 stays taken until its late reply arrives.
     let next = conn.send(Command::new("next")).unwrap();
-    assert_eq!(take_transmit(&mut conn), b"{\"execute\":\"next\",\"id\":2}");
+    assert_eq!(
+        take_transmit(&mut conn),
+        b"{\"execute\":\"next\",\"id\":2}\n"
+    );
     conn.handle_input(b"{\"return\": \"late\", \"id\": 1}\r\n");
     assert_eq!(drain(&mut conn), []);
     assert_eq!(conn.stats().late, 1);
@@ -330,7 +336,7 @@ fn a_wire_id_is_reused_only_once_its_response_arrived() {
     assert_eq!(conn.wire_id(third), Some(1));
     assert_eq!(
         take_transmit(&mut conn),
-        b"{\"execute\":\"third\",\"id\":1}"
+        b"{\"execute\":\"third\",\"id\":1}\n"
     );
     assert!(third > next && next > slow, "request ids are never reused");
 }
