@@ -321,6 +321,35 @@ pub async fn fake_fragmented_writes(a: &'static dyn Adapter) {
     assert_eq!(status["pad"].as_str().map(str::len), Some(100_000));
 }
 
+/// A server that reads its input a line at a time, as simple test servers and proxies do: every
+/// command must end with a newline (QEMU itself does not need one), or this one never answers.
+pub async fn fake_line_based_server(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        use std::io::BufRead;
+        c.greet(false);
+        let mut lines = std::io::BufReader::new(c.stream().try_clone().expect("clone"));
+        let mut line = String::new();
+        while matches!(lines.read_line(&mut line), Ok(n) if n > 0) {
+            let cmd: Value = serde_json::from_str(&line).expect("one command per line");
+            c.reply(&cmd, json!({"echo": cmd["execute"]}));
+            line.clear();
+        }
+    });
+    let client = connect(a, &server).await;
+    let calls = join_all((0..20).map(|_| client.execute("query-status", ())));
+    let results = timeout(a, Duration::from_secs(10), calls)
+        .await
+        .expect("a line-based server answers newline-terminated commands");
+    for result in results {
+        assert_eq!(result.expect("answered"), json!({"echo": "query-status"}));
+    }
+    let raw = client.execute_raw(json!({"execute": "raw-one", "id": "mine"}));
+    let raw = timeout(a, Duration::from_secs(10), raw)
+        .await
+        .expect("answered");
+    assert_eq!(raw.expect("answered"), json!({"echo": "raw-one"}));
+}
+
 /// Pretty output, junk, invalid JSON and UTF-8, non-objects, and a long id-less error cascade
 /// between messages: all survived.
 pub async fn fake_garbage_pretty_and_cascades(a: &'static dyn Adapter) {
@@ -1116,7 +1145,8 @@ macro_rules! conformance {
         $crate::conformance!(@tests $adapter;
             qemu_handshake, qemu_errors_typed_and_introspection, qemu_mirror_job_events,
             qemu_accept_mode, qemu_thousand_concurrent_executes, qemu_killed_mid_flight,
-            fake_fragmented_writes, fake_garbage_pretty_and_cascades, fake_oob_reordering,
+            fake_fragmented_writes, fake_line_based_server, fake_garbage_pretty_and_cascades,
+            fake_oob_reordering,
             fake_disconnect_mid_reply, fake_event_flood_lag, fake_limits, fake_fd_passing,
             fake_cancel_safety, fake_timeouts, fake_lifecycle, fake_handshake_failures,
             fake_raw_commands_and_patterns,
