@@ -332,7 +332,10 @@ impl Connection {
     /// The `id` request `id` carries on the wire, once it is written and until its response
     /// arrives (for matching a request with the bytes a trace shows). Wire ids are small numbers
     /// reused once free, because QEMU reads a command a byte per system call; a
-    /// [`RequestId`] is never reused.
+    /// [`RequestId`] is never reused. A written request keeps its wire id until a response with
+    /// it arrives, even after a timeout or cancel, so a late response is never taken for a newer
+    /// request. (A peer that answered one command twice could have its second answer taken for
+    /// a newer command holding the same wire id; QEMU never does that.)
     ///
     /// ```
     /// use qmp_proto::{Command, Connection};
