@@ -1,7 +1,8 @@
 //! A qmp-rs client for the comparison harness in `../shared/bench` (see its README):
 //!
 //! ```text
-//! qmp-bench [--adapter tokio] --socket PATH [--oob | --no-oob] WORKLOAD N [ARG]
+//! qmp-bench [--adapter tokio|smol|async-std|blocking] [--typed] [--one-thread]
+//!           --socket PATH [--oob | --no-oob] WORKLOAD N [ARG]
 //! ```
 //!
 //! Workloads: `roundtrip N`, `pipeline N W`, `events N S`, `big N S`. Prints one JSON line with
@@ -27,15 +28,19 @@ struct Args {
     /// Decode `big` replies into typed structs (as a client with QAPI types would) instead of a
     /// `serde_json::Value`.
     typed: bool,
+    /// Blocking `pipeline` from one thread (`Client::as_async` under `qmp_blocking::block_on`)
+    /// instead of W threads.
+    one_thread: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut adapter, mut socket, mut oob, mut rest) = ("tokio".to_owned(), None, None, Vec::new());
-    let mut typed = false;
+    let (mut typed, mut one_thread) = (false, false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--typed" => typed = true,
+            "--one-thread" => one_thread = true,
             "--adapter" => adapter = args.next().ok_or("--adapter needs a value")?,
             "--socket" => socket = args.next(),
             "--oob" => oob = Some(true),
@@ -57,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
         n: num(1, "N")?,
         arg: if rest.len() > 2 { num(2, "ARG")? } else { 0 },
         typed,
+        one_thread,
     })
 }
 
@@ -263,7 +269,11 @@ fn blocking_main(args: &Args) -> Result<String, String> {
     blocking_workload(&client, args).map_err(|e| e.to_string())?;
     let seconds = start.elapsed().as_secs_f64();
     let server = client.greeting().version.package.clone();
-    let name = format!("qmp-rs-blocking{}", if args.typed { "-typed" } else { "" });
+    let name = format!(
+        "qmp-rs-blocking{}{}",
+        if args.typed { "-typed" } else { "" },
+        if args.one_thread { "-one-thread" } else { "" }
+    );
     let out = report(args, &name, client.oob_enabled(), &server, seconds);
     client.disconnect();
     Ok(out)
@@ -279,6 +289,10 @@ fn blocking_workload(
             for _ in 0..n {
                 let _: VersionInfo = client.execute_as("query-version", ())?;
             }
+        }
+        "pipeline" if args.one_thread => {
+            // One thread keeps W in flight through the async client inside.
+            qmp_blocking::block_on(workload(client.as_async(), args))?;
         }
         "pipeline" => {
             // W threads sharing the client, each waiting for its own answers.
