@@ -457,21 +457,31 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
             Op::Duplicate { k, pretty } => {
                 // Wire ids are reused once answered, so a second reply is taken for whichever
                 // request holds its id when it is read. Only send one whose fate is certain:
-                // everything before it read, its id held by nobody, delivered at once. It must
-                // come out unmatched.
+                // everything before it read, no junk that could swallow it and let it resurface
+                // later, its id held by nobody, delivered at once into an empty output queue
+                // (expiries can fill the queue without pausing input, which would leave it unread
+                // until some later command holds the id). It must come out unmatched.
                 let done: Vec<usize> = (0..server.cmds.len())
                     .filter(|&i| server.cmds[i].answered)
                     .collect();
-                let settled = server.delivered == server.out.len()
+                let settled = server.framing_safe
+                    && server.delivered == server.out.len()
                     && conn.wants_read()
                     && !conn.is_closed()
                     && !t.eof;
                 if !done.is_empty() && settled {
                     let i = done[usize::from(k) % done.len()];
                     if request_of_wire(&conn, &t, server.cmds[i].wire).is_none() {
+                        t.drain(&mut conn, None);
                         server.reply(i, &ReplyKind::Return(0), pretty);
                         let n = server.out.len() - server.delivered;
+                        let unmatched = conn.stats().unmatched;
                         deliver(&mut t, &mut conn, &mut server, n);
+                        assert_eq!(
+                            conn.stats().unmatched,
+                            unmatched + 1,
+                            "a second reply to a free wire id was not reported unmatched"
+                        );
                     }
                 }
             }
