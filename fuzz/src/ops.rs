@@ -460,7 +460,8 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
                 // everything before it read, no junk that could swallow it and let it resurface
                 // later, its id held by nobody, delivered at once into an empty output queue
                 // (expiries can fill the queue without pausing input, which would leave it unread
-                // until some later command holds the id). It must come out unmatched.
+                // until some later command holds the id). It must come out unmatched once the
+                // outputs before it are taken.
                 let done: Vec<usize> = (0..server.cmds.len())
                     .filter(|&i| server.cmds[i].answered)
                     .collect();
@@ -481,6 +482,14 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
                         let n = server.out.len() - server.delivered;
                         let unmatched = conn.stats().unmatched;
                         deliver(&mut t, &mut conn, &mut server, n);
+                        // Junk read before it (reported when the reply's `{` ends it) may have
+                        // filled a one-output queue first: take outputs until the reply is read.
+                        for _ in 0..4 {
+                            if conn.stats().unmatched > unmatched {
+                                break;
+                            }
+                            t.drain(&mut conn, None);
+                        }
                         assert_eq!(
                             conn.stats().unmatched,
                             unmatched + 1,
