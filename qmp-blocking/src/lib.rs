@@ -40,7 +40,7 @@
 //! Threads sharing a [`Client`] each wait for their own answer, so keeping 32 commands in flight
 //! that way wakes 32 threads per batch of replies. One thread can keep them in flight instead,
 //! through the async client inside ([`Client::as_async`]) and this crate's [`block_on`]; no
-//! runtime is involved. On the benchmark's fake server this pipelines about 2.5 times faster than
+//! runtime is involved. On the benchmark's fake server this pipelines 2.1–2.6 times faster than
 //! 32 threads (`BENCHMARKS.md`).
 //!
 //! ```no_run

@@ -41,8 +41,7 @@ impl WireIds {
 
     /// The request holding `wire`, if any.
     pub(crate) fn holder(&self, wire: u64) -> Option<u64> {
-        let index = usize::try_from(wire.checked_sub(1)?).ok()?;
-        self.holders.get(index).copied().flatten()
+        self.holders.get(index(wire)?).copied().flatten()
     }
 
     /// Frees `wire` for the next command.
@@ -61,9 +60,13 @@ impl WireIds {
     }
 
     fn slot(&mut self, wire: u64) -> Option<&mut Option<u64>> {
-        let index = usize::try_from(wire.checked_sub(1)?).ok()?;
-        self.holders.get_mut(index)
+        self.holders.get_mut(index(wire)?)
     }
+}
+
+/// Where wire id `wire` sits in `holders` (0 is the handshake's, never held).
+fn index(wire: u64) -> Option<usize> {
+    usize::try_from(wire.checked_sub(1)?).ok()
 }
 
 #[cfg(test)]
