@@ -91,6 +91,10 @@ pub fn agent_ops(data: &[u8]) {
                 if no_reply {
                     c = c.no_reply();
                 }
+                // The command index uses only the low bits: a higher one picks the reply's form.
+                if usize::from(cmd) / COMMANDS.len() % 2 == 1 {
+                    c = c.decode_value();
+                }
                 let info = CmdInfo {
                     oob,
                     fds: false,

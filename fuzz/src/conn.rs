@@ -22,6 +22,8 @@ pub(crate) struct Req {
     pub(crate) deadline: Option<Instant>,
     /// Sent before the connection was ready (queued for the handshake).
     pub(crate) before_ready: bool,
+    /// Sent with `decode_value`.
+    pub(crate) value: bool,
     /// `cancel` returned true.
     pub(crate) cancelled: bool,
     /// The one `Response` output.
@@ -170,6 +172,7 @@ impl Tracker {
         let state = conn.state();
         let oob_on = conn.oob_enabled();
         let pending = conn.pending();
+        let value = cmd.is_decode_value();
         let result = conn.send(cmd);
         self.observe(conn);
         match result {
@@ -193,6 +196,7 @@ impl Tracker {
                         fds: info.fds,
                         deadline: info.deadline,
                         before_ready: state != State::Ready,
+                        value,
                         cancelled: false,
                         outcome: None,
                         must_be_done: false,
@@ -261,44 +265,12 @@ impl Tracker {
                 assert!(self.ready.is_none(), "a second Ready");
                 self.ready = Some(oob);
             }
-            Output::Response { id, result } => {
-                let req = self
-                    .sent
-                    .get_mut(&id.get())
-                    .unwrap_or_else(|| panic!("a Response for id {id}, never returned by send"));
-                assert!(
-                    !req.cancelled,
-                    "a Response for cancelled request {id}: {result:?}"
-                );
-                assert!(
-                    req.outcome.is_none(),
-                    "a second Response for {id}: {result:?} after {:?}",
-                    req.outcome
-                );
-                match &result {
-                    Err(CommandError::TimedOut) => {
-                        let deadline = req.deadline.expect("TimedOut without a deadline");
-                        assert!(
-                            self.latest_timeout.is_some_and(|t| t >= deadline),
-                            "request {id} timed out before its deadline"
-                        );
-                    }
-                    Err(CommandError::Closed | CommandError::NoReply { closed: true }) => {
-                        assert!(conn.is_closed(), "Closed outcome on an open connection");
-                    }
-                    Err(CommandError::NoReply { closed: false }) => {
-                        let deadline = req.deadline.expect("NoReply without a deadline");
-                        assert!(self.latest_timeout.is_some_and(|t| t >= deadline));
-                    }
-                    Err(CommandError::Resynced) => assert!(self.agent, "Resynced on QMP"),
-                    Err(CommandError::OobUnavailable) => {
-                        assert!(req.oob && req.before_ready, "OobUnavailable for {req:?}");
-                        assert_eq!(self.ready, Some(false), "OobUnavailable with OOB on");
-                    }
-                    _ => {}
-                }
-                req.outcome = Some(result);
+            Output::Value { id, value } => {
+                // Checked as the response it stands for.
+                let raw = RawJson::from_json(&value.to_string()).expect("a Value prints as JSON");
+                self.on_response(id, Ok(raw), true, conn);
             }
+            Output::Response { id, result } => self.on_response(id, result, false, conn),
             Output::Event(event) => self.events.push(event.name),
             Output::Closed(reason) => {
                 assert!(conn.is_closed(), "Closed output on an open connection");
@@ -313,6 +285,62 @@ impl Tracker {
             }
             _ => {}
         }
+    }
+
+    /// Checks a request's outcome; `from_value`: it came as an `Output::Value`.
+    fn on_response(
+        &mut self,
+        id: RequestId,
+        result: Result<RawJson, CommandError>,
+        from_value: bool,
+        conn: &Connection,
+    ) {
+        let req = self
+            .sent
+            .get_mut(&id.get())
+            .unwrap_or_else(|| panic!("a Response for id {id}, never returned by send"));
+        assert!(
+            !req.cancelled,
+            "a Response for cancelled request {id}: {result:?}"
+        );
+        assert!(
+            req.outcome.is_none(),
+            "a second Response for {id}: {result:?} after {:?}",
+            req.outcome
+        );
+        assert!(
+            req.value || !from_value,
+            "a Value for request {id}, sent without decode_value"
+        );
+        match &result {
+            Ok(raw) if req.value && !from_value => {
+                assert!(
+                    raw.to_value().is_err(),
+                    "request {id} sent with decode_value got text its Value holds"
+                );
+            }
+            Err(CommandError::TimedOut) => {
+                let deadline = req.deadline.expect("TimedOut without a deadline");
+                assert!(
+                    self.latest_timeout.is_some_and(|t| t >= deadline),
+                    "request {id} timed out before its deadline"
+                );
+            }
+            Err(CommandError::Closed | CommandError::NoReply { closed: true }) => {
+                assert!(conn.is_closed(), "Closed outcome on an open connection");
+            }
+            Err(CommandError::NoReply { closed: false }) => {
+                let deadline = req.deadline.expect("NoReply without a deadline");
+                assert!(self.latest_timeout.is_some_and(|t| t >= deadline));
+            }
+            Err(CommandError::Resynced) => assert!(self.agent, "Resynced on QMP"),
+            Err(CommandError::OobUnavailable) => {
+                assert!(req.oob && req.before_ready, "OobUnavailable for {req:?}");
+                assert_eq!(self.ready, Some(false), "OobUnavailable with OOB on");
+            }
+            _ => {}
+        }
+        req.outcome = Some(result);
     }
 
     /// Takes at most `max` outputs (`None`: all, then checks the state of a drained connection).
@@ -757,6 +785,9 @@ pub(crate) fn run_bytes(data: &[u8]) -> Option<Summary> {
         }
         if info.fds {
             cmd = cmd.with_fds();
+        }
+        if bit(h.oob_mask ^ h.fds_mask) {
+            cmd = cmd.decode_value();
         }
         let _ = t.send(conn, cmd, info);
     };

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::driver::{Driver, Request, Timer, Transport};
+use crate::driver::{Answer, Driver, Request, Timer, Transport};
 use crate::error::{Disconnect, Error};
 use crate::events::{EventFilter, Hub, Subscription};
 
@@ -299,8 +299,8 @@ impl Client {
     /// Executes `name` with `arguments` (anything that serializes to a JSON object, or `()` for
     /// none) and returns the return value.
     pub async fn execute(&self, name: &str, arguments: impl Serialize) -> Result<Value, Error> {
-        let raw = self.call(Command::new(name).arguments(&arguments)?).await?;
-        raw.to_value().map_err(Error::Decode)
+        let cmd = Command::new(name).arguments(&arguments)?.decode_value();
+        self.submit(cmd, Vec::new()).await?.into_value()
     }
 
     /// Executes `name` and deserializes the return value straight into `R` (no intermediate
@@ -317,22 +317,23 @@ impl Client {
     /// Executes `name` out of band (`exec-oob`): it overtakes in-band commands. Fails with
     /// [`SendError::OobNotEnabled`](qmp_proto::SendError::OobNotEnabled) if OOB was not negotiated.
     pub async fn execute_oob(&self, name: &str, arguments: impl Serialize) -> Result<Value, Error> {
-        let raw = self
-            .call(Command::new(name).arguments(&arguments)?.oob())
-            .await?;
-        raw.to_value().map_err(Error::Decode)
+        let cmd = Command::new(name)
+            .arguments(&arguments)?
+            .oob()
+            .decode_value();
+        self.submit(cmd, Vec::new()).await?.into_value()
     }
 
     /// Executes a pre-built command object as given (`{"execute": ..., "arguments": ...}`, for
     /// tools that forward user input); its `id`, if any, is replaced by the client's own.
     pub async fn execute_raw(&self, command: Value) -> Result<Value, Error> {
-        let raw = self.call(Command::from_json(command)?).await?;
-        raw.to_value().map_err(Error::Decode)
+        let cmd = Command::from_json(command)?.decode_value();
+        self.submit(cmd, Vec::new()).await?.into_value()
     }
 
     /// Executes a [`Command`] built with the core's builder and returns the return value unparsed.
     pub async fn call(&self, command: Command) -> Result<RawJson, Error> {
-        self.submit(command, Vec::new()).await
+        self.submit(command, Vec::new()).await?.into_raw()
     }
 
     /// Executes `name` with file descriptors attached (`SCM_RIGHTS`, unix sockets only). QEMU
@@ -346,10 +347,8 @@ impl Client {
         if !self.shared.can_pass_fds {
             return Err(Error::FdPassingUnsupported);
         }
-        let raw = self
-            .submit(Command::new(name).arguments(&arguments)?, fds)
-            .await?;
-        raw.to_value().map_err(Error::Decode)
+        let cmd = Command::new(name).arguments(&arguments)?.decode_value();
+        self.submit(cmd, fds).await?.into_value()
     }
 
     /// Passes `fd` to QEMU under `fdname` (`getfd`), for commands that take an fd by name.
@@ -408,7 +407,7 @@ impl Client {
         &self,
         mut cmd: Command,
         fds: Vec<OwnedFd>,
-    ) -> Result<RawJson, Error> {
+    ) -> Result<Answer, Error> {
         if let Some(timeout) = self.timeout {
             cmd = cmd.deadline(Instant::now() + timeout);
         }

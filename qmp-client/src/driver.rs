@@ -14,6 +14,7 @@ use std::time::Instant;
 use futures_channel::{mpsc, oneshot};
 use futures_core::Stream;
 use qmp_proto::{Command, Connection, Greeting, Output, RawJson, RequestId, SendError};
+use serde_json::Value;
 
 use crate::client::Shared;
 use crate::error::{Disconnect, Error};
@@ -65,7 +66,31 @@ pub(crate) enum Request {
     Resync { done: oneshot::Sender<()> },
 }
 
-pub(crate) type Reply = oneshot::Sender<Result<RawJson, Error>>;
+pub(crate) type Reply = oneshot::Sender<Result<Answer, Error>>;
+
+/// A successful response, as the core delivered it.
+pub(crate) enum Answer {
+    /// The return value's text.
+    Text(RawJson),
+    /// Parsed by the core from its input buffer ([`Command::decode_value`]).
+    Value(Value),
+}
+
+impl Answer {
+    pub(crate) fn into_value(self) -> Result<Value, Error> {
+        match self {
+            Answer::Value(value) => Ok(value),
+            Answer::Text(raw) => raw.to_value().map_err(Error::Decode),
+        }
+    }
+
+    pub(crate) fn into_raw(self) -> Result<RawJson, Error> {
+        match self {
+            Answer::Text(raw) => Ok(raw),
+            Answer::Value(value) => RawJson::from_json(&value.to_string()).map_err(Error::Decode),
+        }
+    }
+}
 
 /// Request ids are sequential, so a multiplicative hash spreads them well at a fraction of
 /// SipHash's cost (these maps are on every command's path).
@@ -403,6 +428,16 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         }
     }
 
+    fn answer(&mut self, id: RequestId, result: Result<Answer, Error>) {
+        if !self.conn.fds_needed(id) {
+            // Timed out or failed before being written: QEMU will never see them.
+            self.fds.remove(&id);
+        }
+        if let Some(reply) = self.waiters.remove(&id) {
+            let _ = reply.send(result);
+        }
+    }
+
     fn dispatch(&mut self) {
         while let Some(output) = self.conn.poll_output() {
             match output {
@@ -421,16 +456,12 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                     }
                 }
                 Output::Response { id, result } => {
-                    if !self.conn.fds_needed(id) {
-                        // Timed out or failed before being written: QEMU will never see them.
-                        self.fds.remove(&id);
-                    }
-                    let Some(reply) = self.waiters.remove(&id) else {
-                        continue;
-                    };
-                    let result = result.map_err(|e| Error::from_command(e, || self.reason()));
-                    let _ = reply.send(result);
+                    let result = result
+                        .map(Answer::Text)
+                        .map_err(|e| Error::from_command(e, || self.reason()));
+                    self.answer(id, result);
                 }
+                Output::Value { id, value } => self.answer(id, Ok(Answer::Value(value))),
                 Output::Event(event) => {
                     tracing::trace!(name = %event.name, "event");
                     self.yield_now |= self.shared.hub.publish(event, &mut self.wakes);

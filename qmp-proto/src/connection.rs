@@ -50,12 +50,23 @@ pub enum Output {
         oob: bool,
     },
     /// The outcome of a request. Exactly one per id returned by
-    /// [`send`](Connection::send), unless it was [`cancel`](Connection::cancel)led.
+    /// [`send`](Connection::send) (or an [`Output::Value`] instead), unless it was
+    /// [`cancel`](Connection::cancel)led.
     Response {
         /// The request.
         id: RequestId,
         /// The return value, or why there is none.
         result: Result<RawJson, CommandError>,
+    },
+    /// The successful outcome of a request sent with
+    /// [`Command::decode_value`](crate::Command::decode_value): its return value, parsed from
+    /// the input buffer. Its errors, and a return value `Value` cannot hold, still come as
+    /// [`Output::Response`].
+    Value {
+        /// The request.
+        id: RequestId,
+        /// The return value.
+        value: serde_json::Value,
     },
     /// An asynchronous event.
     Event(Event),
@@ -180,6 +191,8 @@ struct Entry {
     deadline: Option<Instant>,
     /// A user-sent `qmp_capabilities` asking for OOB.
     enables_oob: bool,
+    /// Sent [`Command::decode_value`].
+    value: bool,
     stage: Stage,
 }
 
@@ -717,10 +730,7 @@ impl Session {
             None => self.answered_by(None),
         };
         match id {
-            Some(id) => {
-                let result = result.map(RawJson::from_raw).map_err(CommandError::Qmp);
-                self.finish(id, result);
-            }
+            Some(id) => self.finish(id, result.map_err(CommandError::Qmp)),
             None => {
                 self.stats.unmatched += 1;
                 let unmatched = Unmatched {
@@ -761,7 +771,7 @@ impl Session {
 
     /// Completes a written request with the response that arrived for it (dropped if abandoned),
     /// freeing its window slot.
-    fn finish(&mut self, id: u64, result: Result<RawJson, CommandError>) {
+    fn finish(&mut self, id: u64, result: Result<&RawValue, CommandError>) {
         let Some(e) = self.remove(id) else {
             return;
         };
@@ -775,9 +785,18 @@ impl Session {
             if e.enables_oob && result.is_ok() {
                 self.oob = true;
             }
-            self.output(Output::Response {
-                id: RequestId(id),
-                result,
+            let id = RequestId(id);
+            // Straight from the input buffer, while it is still borrowed: no copy of the text.
+            let value = match result {
+                Ok(raw) if e.value => serde_json::from_str(raw.get()).ok(),
+                _ => None,
+            };
+            self.output(match value {
+                Some(value) => Output::Value { id, value },
+                None => Output::Response {
+                    id,
+                    result: result.map(RawJson::from_raw),
+                },
             });
         }
         self.pump();
@@ -866,6 +885,7 @@ impl Session {
             no_reply,
             deadline,
             enables_oob: cmd.enables_oob(),
+            value: cmd.is_decode_value(),
             stage,
         };
         self.pending.insert(id, entry);

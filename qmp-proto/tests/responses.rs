@@ -340,3 +340,51 @@ fn a_wire_id_is_reused_only_once_its_response_arrived() {
     );
     assert!(third > next && next > slow, "request ids are never reused");
 }
+
+#[test]
+fn decode_value_delivers_parsed_values_and_falls_back_to_text() {
+    for chunking in CHUNKINGS {
+        let mut pair = Pair::ready(oob_config(), FakeQemu::default(), chunking);
+        let ok = pair.send(Command::new("query-version").decode_value());
+        let err = pair.send(Command::new("nope").decode_value());
+        let huge = pair.send(Command::new("x-huge").decode_value());
+        let text = pair.execute("query-version");
+        pair.drive();
+        let cmds: Vec<Value> = std::iter::from_fn(|| pair.server.next_command()).collect();
+        pair.server.reply(&cmds[0], json!({"qemu": {"major": 10}}));
+        pair.server.reply_error(&cmds[1], "GenericError", "no");
+        // A number `Value` cannot hold: valid JSON, delivered as text.
+        let id = &cmds[2]["id"];
+        pair.server
+            .send_raw(format!("{{\"return\": [1e400], \"id\": {id}}}\r\n").as_bytes());
+        pair.server.reply(&cmds[3], json!({"qemu": {"major": 10}}));
+        pair.drive();
+        let outputs = pair.take_outputs();
+        let mut it = outputs
+            .iter()
+            .filter(|o| matches!(o, Output::Value { .. } | Output::Response { .. }));
+        assert_eq!(
+            it.next(),
+            Some(&Output::Value {
+                id: ok,
+                value: json!({"qemu": {"major": 10}})
+            })
+        );
+        assert!(
+            matches!(it.next(), Some(Output::Response { id, result: Err(CommandError::Qmp(e)) })
+                if *id == err && e.class == "GenericError"),
+            "{chunking:?}"
+        );
+        assert!(
+            matches!(it.next(), Some(Output::Response { id, result: Ok(raw) })
+                if *id == huge && raw.get() == "[1e400]"),
+            "{chunking:?}"
+        );
+        assert!(
+            matches!(it.next(), Some(Output::Response { id, result: Ok(raw) })
+                if *id == text && raw.to_value().unwrap() == json!({"qemu": {"major": 10}})),
+            "{chunking:?}"
+        );
+        assert_eq!(it.next(), None);
+    }
+}
