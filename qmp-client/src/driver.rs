@@ -79,15 +79,15 @@ pub(crate) enum Answer {
 impl Answer {
     pub(crate) fn into_value(self) -> Result<Value, Error> {
         match self {
-            Answer::Value(value) => Ok(value),
-            Answer::Text(raw) => raw.to_value().map_err(Error::Decode),
+            Self::Value(value) => Ok(value),
+            Self::Text(raw) => raw.to_value().map_err(Error::Decode),
         }
     }
 
     pub(crate) fn into_raw(self) -> Result<RawJson, Error> {
         match self {
-            Answer::Text(raw) => Ok(raw),
-            Answer::Value(value) => RawJson::from_json(&value.to_string()).map_err(Error::Decode),
+            Self::Text(raw) => Ok(raw),
+            Self::Value(value) => RawJson::from_json(&value.to_string()).map_err(Error::Decode),
         }
     }
 }
