@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
@@ -55,8 +55,8 @@ impl Io {
 }
 
 /// State shared by the connection's thread, the transport, timer and waker its task runs, and the
-/// client handles (see [`Shared::assist`]). It holds no descriptor of the socket, so handles that
-/// outlive the connection do not keep it open.
+/// client handles (see [`Shared::assist`] and [`Shared::lead`]). It holds the socket's descriptors
+/// only while the task runs, so handles that outlive the connection do not keep it open.
 pub(crate) struct Shared {
     /// The connection's task, polled by its thread, or by a calling thread that just submitted a
     /// command ([`Shared::assist`]). `None` once it has finished.
@@ -75,16 +75,90 @@ pub(crate) struct Shared {
     assist_dirty: AtomicBool,
     /// Calls under way through [`block_on_assisted`].
     calls: AtomicUsize,
+    /// A lone call is waiting for its reply by running the task on its own thread (see
+    /// [`Shared::lead`]); the connection's thread then sleeps on the wake pipe only.
+    leader: AtomicBool,
+    /// What the connection's thread waits on, shared with a leading call; `None` once the task
+    /// has ended, so that handles outliving the connection hold no descriptor of it.
+    poller: Mutex<Option<Arc<Poller>>>,
+    /// Wakes the leading call: its own wake-up, which the connection's thread cannot drain from
+    /// the shared pipe before the call sees it. Written only while the call sleeps.
+    lead_tx: UnixStream,
+    lead_woken: AtomicBool,
+    lead_sleeping: AtomicBool,
+    lead_waker: Waker,
     /// What the task is polled with, by its thread and by assisting callers alike.
     waker: Waker,
 }
 
-/// What only the connection's thread holds: the descriptors it polls.
+/// The descriptors the task's thread waits on: the connection's thread, or a leading call.
 struct Poller {
     /// A duplicate of the stream's descriptor.
     fd: OwnedFd,
     wake_rx: UnixStream,
+    lead_rx: UnixStream,
 }
+
+impl Poller {
+    /// Sleeps until the socket is ready for what is asked, the wake pipe is written, or
+    /// `deadline`; then empties the pipe. Returns whether it had been written. A leading call
+    /// (`lead`) also wakes for its own pipe.
+    fn wait(
+        &self,
+        shared: &Shared,
+        read: bool,
+        write: bool,
+        deadline: Option<Instant>,
+        lead: bool,
+    ) -> bool {
+        let mut flags = PollFlags::empty();
+        if read {
+            flags |= PollFlags::IN;
+        }
+        if write {
+            flags |= PollFlags::OUT;
+        }
+        let timeout = deadline.map(|at| {
+            let d = at.saturating_duration_since(Instant::now());
+            Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: i64::from(d.subsec_nanos()),
+            }
+        });
+        let mut fds = [
+            PollFd::new(&self.fd, flags),
+            PollFd::new(&self.wake_rx, PollFlags::IN),
+            PollFd::new(&self.lead_rx, PollFlags::IN),
+        ];
+        let n = if lead { 3 } else { 2 };
+        if lead {
+            // Either the waker sees this flag and writes the pipe, or this sees its wake.
+            shared.lead_sleeping.store(true, Ordering::SeqCst);
+            if shared.lead_woken.load(Ordering::SeqCst) {
+                shared.lead_sleeping.store(false, Ordering::SeqCst);
+                return false;
+            }
+        }
+        // EINTR and friends: just go round again.
+        let _ = rustix::event::poll(&mut fds[..n], timeout.as_ref());
+        let woken = !fds[1].revents().is_empty();
+        let mut drain = [0u8; 64];
+        if lead {
+            shared.lead_sleeping.store(false, Ordering::SeqCst);
+            while matches!((&self.lead_rx).read(&mut drain), Ok(n) if n > 0) {}
+        }
+        // Drain before clearing the flag: a wake in between then finds the flag still set and
+        // writes nothing, but the task is polled next anyway. The other order could eat the
+        // byte of a wake that set the flag, leaving the flag set and every later wake silent.
+        while matches!((&self.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
+        shared.wake_pending.store(false, Ordering::Release);
+        woken
+    }
+}
+
+/// How long the connection's thread leaves the socket to a leading call before it checks whether
+/// the call is over. Bounds how late an event that arrives after a call is read.
+const LEADER_CHECK: Duration = Duration::from_millis(2);
 
 /// The transport, timer and runtime of one connection over `io`, and the state client handles
 /// keep to [`assist`](Shared::assist) it.
@@ -95,8 +169,10 @@ pub(crate) fn parts(
     let flags = rustix::fs::fcntl_getfl(&fd)?;
     rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK)?;
     let (wake_tx, wake_rx) = UnixStream::pair()?;
-    wake_tx.set_nonblocking(true)?;
-    wake_rx.set_nonblocking(true)?;
+    let (lead_tx, lead_rx) = UnixStream::pair()?;
+    for end in [&wake_tx, &wake_rx, &lead_tx, &lead_rx] {
+        end.set_nonblocking(true)?;
+    }
     let shared = Arc::new_cyclic(|shared| Shared {
         task: Mutex::new(None),
         waker: Waker::from(Arc::new(PipeWaker(Weak::clone(shared)))),
@@ -109,6 +185,16 @@ pub(crate) fn parts(
         assisting: AtomicBool::new(false),
         assist_dirty: AtomicBool::new(false),
         calls: AtomicUsize::new(0),
+        leader: AtomicBool::new(false),
+        poller: Mutex::new(Some(Arc::new(Poller {
+            fd,
+            wake_rx,
+            lead_rx,
+        }))),
+        lead_tx,
+        lead_woken: AtomicBool::new(false),
+        lead_sleeping: AtomicBool::new(false),
+        lead_waker: Waker::from(Arc::new(LeadWaker(Weak::clone(shared)))),
     });
     let can_pass_fds = matches!(io, Io::Unix(_));
     Ok((
@@ -122,7 +208,7 @@ pub(crate) fn parts(
             shared: Arc::clone(&shared),
         },
         Arc::new(PollRuntime {
-            start: Mutex::new(Some((Arc::clone(&shared), Poller { fd, wake_rx }))),
+            start: Mutex::new(Some(Arc::clone(&shared))),
         }),
         shared,
     ))
@@ -221,12 +307,12 @@ impl Timer for PollTimer {
 /// the task ends, the socket's descriptors close even while client handles (which hold the
 /// runtime and the shared state) live.
 pub(crate) struct PollRuntime {
-    start: Mutex<Option<(Arc<Shared>, Poller)>>,
+    start: Mutex<Option<Arc<Shared>>>,
 }
 
 impl Runtime for PollRuntime {
     fn spawn(&self, future: BoxFuture) {
-        let Some((shared, poller)) = self
+        let Some(shared) = self
             .start
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -234,19 +320,21 @@ impl Runtime for PollRuntime {
         else {
             return; // One connection, one task: nothing else is ever spawned here.
         };
+        let Some(poller) = shared.poller() else {
+            return;
+        };
         *shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(future);
-        // If no thread can be had the task is dropped with the closure, and `connect` reports the
-        // connection closed.
+        // If no thread can be had the task is dropped, and `connect` reports the connection
+        // closed.
         let spawned = thread::Builder::new().name("qmp-connection".into()).spawn({
             let shared = Arc::clone(&shared);
-            move || run(&shared, &poller)
+            move || {
+                run(&shared, &poller);
+                shared.ended();
+            }
         });
         if spawned.is_err() {
-            shared
-                .task
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
+            shared.ended();
         }
     }
 
@@ -270,6 +358,24 @@ impl Wake for PipeWaker {
     fn wake_by_ref(self: &Arc<Self>) {
         if let Some(shared) = self.0.upgrade() {
             shared.wake();
+        }
+    }
+}
+
+/// Wakes the leading call of a connection (see [`Shared::lead`]).
+struct LeadWaker(Weak<Shared>);
+
+impl Wake for LeadWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.lead_woken.store(true, Ordering::SeqCst);
+            if shared.lead_sleeping.load(Ordering::SeqCst) {
+                let _ = (&shared.lead_tx).write(&[1]);
+            }
         }
     }
 }
@@ -317,6 +423,79 @@ impl Shared {
         ))
     }
 
+    fn poller(&self) -> Option<Arc<Poller>> {
+        self.poller
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The task has ended (or never got a thread): drops it, and the descriptors with it.
+    fn ended(&self) {
+        self.task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        self.poller
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Polls the task on this thread, again while wakes arrive as it does (a few rounds; the rest
+    /// go to the pipe). Returns what the task then waits on, or `None` if it has ended or another
+    /// thread is polling it.
+    fn poll_here(&self) -> Option<(bool, bool, Option<Instant>)> {
+        if self
+            .assisting
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return None;
+        }
+        self.assist_dirty.store(true, Ordering::SeqCst);
+        let mut waits_on = None;
+        for _ in 0..ASSIST_ROUNDS {
+            if !self.assist_dirty.swap(false, Ordering::SeqCst) {
+                break;
+            }
+            let Ok(mut task) = self.task.try_lock() else {
+                waits_on = None;
+                break;
+            };
+            waits_on = self.poll_task(&mut task);
+        }
+        self.assisting.store(false, Ordering::SeqCst);
+        if self.assist_dirty.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+        waits_on
+    }
+
+    /// Waits for `future`, a lone call whose command is submitted, by running the task on this
+    /// thread whenever the socket or the wake pipe is ready, instead of sleeping while the
+    /// connection's thread reads the reply and wakes this one: a thread switch less per reply
+    /// (round trips on one CPU took 0.69 times tokio's speed with the switch). `leader` is set,
+    /// so the connection's thread stays off the socket meanwhile.
+    fn lead<F: Future>(&self, mut future: Pin<&mut F>, poller: &Poller) -> F::Output {
+        let mut cx = Context::from_waker(&self.lead_waker);
+        loop {
+            self.lead_woken.store(false, Ordering::SeqCst);
+            if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                return output;
+            }
+            // `None`: another thread holds the task. What it completes wakes this one; its timers
+            // are this one's to keep, so look again shortly.
+            let (read, write, deadline) =
+                self.poll_here()
+                    .unwrap_or((true, false, Some(Instant::now() + LEADER_CHECK)));
+            if self.lead_woken.load(Ordering::SeqCst) {
+                continue;
+            }
+            poller.wait(self, read, write, deadline, true);
+        }
+    }
+
     /// Called by a thread that is about to submit a command, with `submit` doing it: the command
     /// is written by this thread at once, instead of waking the connection's thread to write it
     /// (a context switch each way on a busy CPU). The connection's thread still reads the reply
@@ -345,6 +524,8 @@ impl Shared {
             };
             let sleeping = *self.sleeping.lock().unwrap_or_else(PoisonError::into_inner);
             match self.poll_task(&mut task) {
+                // A leading call waits on the task's interests itself.
+                Some(_) if self.leader.load(Ordering::SeqCst) => {}
                 Some(waits_on) if waits_on == sleeping => {}
                 // The thread must wait on something else now, or see that the task finished.
                 _ => wake_thread = true,
@@ -360,7 +541,6 @@ impl Shared {
 
 /// Runs a connection's task to completion on this thread.
 fn run(shared: &Arc<Shared>, poller: &Poller) {
-    let mut drain = [0u8; 64];
     loop {
         let (read, write, deadline) = {
             let mut task = shared.task.lock().unwrap_or_else(PoisonError::into_inner);
@@ -375,31 +555,19 @@ fn run(shared: &Arc<Shared>, poller: &Poller) {
                 .unwrap_or_else(PoisonError::into_inner) = waits_on;
             waits_on
         };
-        let mut flags = PollFlags::empty();
-        if read {
-            flags |= PollFlags::IN;
-        }
-        if write {
-            flags |= PollFlags::OUT;
-        }
-        let timeout = deadline.map(|at| {
-            let d = at.saturating_duration_since(Instant::now());
-            Timespec {
-                tv_sec: d.as_secs() as i64,
-                tv_nsec: i64::from(d.subsec_nanos()),
+        loop {
+            if !shared.leader.load(Ordering::SeqCst) {
+                poller.wait(shared, read, write, deadline, false);
+                break;
             }
-        });
-        let mut fds = [
-            PollFd::new(&poller.fd, flags),
-            PollFd::new(&poller.wake_rx, PollFlags::IN),
-        ];
-        // EINTR and friends: just go round again.
-        let _ = rustix::event::poll(&mut fds, timeout.as_ref());
-        // Drain before clearing the flag: a wake in between then finds the flag still set and
-        // writes nothing, but the future is polled next anyway. The other order could eat the
-        // byte of a wake that set the flag, leaving the flag set and every later wake silent.
-        while matches!((&poller.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
-        shared.wake_pending.store(false, Ordering::Release);
+            // A call is reading the socket and keeping the task's deadlines itself: only a wake
+            // is this thread's business, or the call's end.
+            let check = Instant::now() + LEADER_CHECK;
+            let woken = poller.wait(shared, false, false, Some(check), false);
+            if woken || !shared.leader.load(Ordering::SeqCst) {
+                break;
+            }
+        }
     }
 }
 
@@ -504,7 +672,7 @@ struct Sleep {
 impl Future for Sleep {
     type Output = ();
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if Instant::now() >= self.at {
             if let Some(key) = self.key.take() {
                 timers().cancel(key);
@@ -537,10 +705,11 @@ impl Wake for ThreadWaker {
     }
 }
 
-/// [`block_on`] for a future that submits a command to `shared`'s connection on its first poll:
-/// when no other call is under way, that poll is made under [`Shared::assist`]. (With several,
-/// the connection's thread is awake anyway, and writing from many threads would only contend
-/// for the task.)
+/// [`block_on`] for a future that submits a command to `shared`'s connection on its first poll.
+/// A call made while no other is under way submits under [`Shared::assist`] and then
+/// [`lead`](Shared::lead)s: this thread writes the command and reads the reply. (With several
+/// calls, the connection's thread is awake anyway, and many threads would only contend for the
+/// task.)
 pub(crate) fn block_on_assisted<F: Future>(shared: &Arc<Shared>, future: F) -> F::Output {
     struct Call<'a>(&'a Shared);
     impl Drop for Call<'_> {
@@ -551,6 +720,25 @@ pub(crate) fn block_on_assisted<F: Future>(shared: &Arc<Shared>, future: F) -> F
     let alone = shared.calls.fetch_add(1, Ordering::AcqRel) == 0;
     let _call = Call(shared);
     let mut future = pin!(future);
+    if alone && let Some(poller) = shared.poller() {
+        struct Lead<'a>(&'a Shared);
+        impl Drop for Lead<'_> {
+            fn drop(&mut self) {
+                self.0.leader.store(false, Ordering::SeqCst);
+                // Calls that started meanwhile wait for replies that nobody reads now.
+                if self.0.calls.load(Ordering::SeqCst) > 1 {
+                    self.0.wake();
+                }
+            }
+        }
+        shared.leader.store(true, Ordering::SeqCst);
+        let _lead = Lead(shared);
+        let mut cx = Context::from_waker(&shared.lead_waker);
+        if let Poll::Ready(output) = shared.assist(|| future.as_mut().poll(&mut cx)) {
+            return output;
+        }
+        return shared.lead(future, &poller);
+    }
     let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
     let mut cx = Context::from_waker(&waker);
     let first = if alone {

@@ -1,0 +1,156 @@
+//! A call made while no other is under way reads its own reply on the calling thread (it
+//! "leads"); the connection's thread stays off the socket meanwhile and takes over again after.
+//! These pin what must still hold: replies, events, deadlines and disconnects reach whoever
+//! waits, whichever thread happens to be reading.
+
+use std::time::{Duration, Instant};
+
+use qmp_blocking::{Error, EventFilter, Options};
+use qmp_testkit::FakeServer;
+use serde_json::json;
+
+/// Events sent while no call runs, and long after the last one, still arrive: the connection's
+/// thread goes back to reading once the leading call is over.
+#[test]
+fn events_between_and_after_calls_are_delivered() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            c.reply(&r.command, json!({}));
+            std::thread::sleep(Duration::from_millis(30));
+            c.event("AFTER", json!({ "n": r.arguments()["n"].clone() }));
+        }
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let mut events = client.subscribe(EventFilter::name("AFTER"));
+    for n in 0..20 {
+        client.execute("x", json!({ "n": n })).unwrap();
+        // Nobody calls now: only the connection's thread can read this event.
+        let event = events.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(event.data_value().unwrap()["n"], n);
+    }
+    client.disconnect();
+    server.check();
+}
+
+/// A leading call's deadline fires on time although it is the one reading the socket, and the
+/// late reply, when it comes, goes nowhere: the next call gets its own.
+#[test]
+fn a_leading_call_times_out_and_the_late_reply_is_dropped() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let slow = c.expect("slow");
+        let next = c.expect("next");
+        c.reply(&slow.command, json!("late"));
+        c.reply(&next.command, json!("next"));
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let started = Instant::now();
+    let quick = client.with_timeout(Duration::from_millis(200));
+    assert!(matches!(quick.execute("slow", ()), Err(Error::Timeout)));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(client.execute("next", ()).unwrap(), json!("next"));
+    client.disconnect();
+    server.check();
+}
+
+/// The server going away while a call leads fails that call at once, with the reason.
+#[test]
+fn a_leading_call_sees_the_server_go_away() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        c.expect("hang-up");
+        std::thread::sleep(Duration::from_millis(100));
+        c.close();
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let started = Instant::now();
+    let got = client.execute("hang-up", ());
+    assert!(matches!(got, Err(Error::Disconnected(_))), "{got:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    server.check();
+}
+
+/// Calls that start while another leads wait on the connection's thread machinery; their replies
+/// arrive while the leader still waits, and after it has left.
+#[test]
+fn calls_joining_a_leading_call_get_their_replies() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let slow = c.expect("slow");
+        // Answer the others first, then the leader, then the rest.
+        let mut answered = 0;
+        while let Some(r) = c.recv() {
+            c.reply(&r.command, r.arguments()["echo"].clone());
+            answered += 1;
+            if answered == 10 {
+                c.reply(&slow.command, json!("slow"));
+            }
+        }
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let leader = {
+        let c = client.clone();
+        std::thread::spawn(move || c.execute("slow", ()))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let joiners: Vec<_> = (0..4u64)
+        .map(|t| {
+            let c = client.with_timeout(Duration::from_secs(10));
+            std::thread::spawn(move || {
+                for i in 0..25u64 {
+                    let echo = t * 100 + i;
+                    assert_eq!(
+                        c.execute("echo", json!({ "echo": echo })).unwrap(),
+                        json!(echo)
+                    );
+                }
+            })
+        })
+        .collect();
+    for j in joiners {
+        j.join().unwrap();
+    }
+    assert_eq!(leader.join().unwrap().unwrap(), json!("slow"));
+    client.disconnect();
+    server.check();
+}
+
+/// Many short calls from one thread, each leading, with events and replies interleaved at
+/// random: every reply is the call's own and every event arrives.
+#[test]
+fn sequential_leading_calls_with_events_interleaved() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let mut n = 0u64;
+        while let Some(r) = c.recv() {
+            n += 1;
+            if n % 3 == 0 {
+                c.event("TICK", json!({ "n": n }));
+            }
+            c.reply(&r.command, r.arguments()["echo"].clone());
+            if n % 5 == 0 {
+                c.event("TOCK", json!({ "n": n }));
+            }
+        }
+    });
+    // Room for every event: this test reads them only at the end.
+    let options = Options::new().event_buffer(4096);
+    let client = qmp_blocking::connect(server.path(), options).unwrap();
+    let mut events = client.subscribe(EventFilter::all());
+    for i in 0..3000u64 {
+        assert_eq!(
+            client.execute("echo", json!({ "echo": i })).unwrap(),
+            json!(i)
+        );
+    }
+    let mut seen = 0;
+    while seen < 3000 / 3 + 3000 / 5 {
+        events.recv_timeout(Duration::from_secs(5)).unwrap();
+        seen += 1;
+    }
+    client.disconnect();
+    server.check();
+}
