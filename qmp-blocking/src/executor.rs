@@ -486,9 +486,9 @@ impl Shared {
             }
             // `None`: another thread holds the task. What it completes wakes this one; its timers
             // are this one's to keep, so look again shortly.
-            let (read, write, deadline) =
-                self.poll_here()
-                    .unwrap_or((true, false, Some(Instant::now() + LEADER_CHECK)));
+            let (read, write, deadline) = self
+                .poll_here()
+                .unwrap_or_else(|| (true, false, Some(Instant::now() + LEADER_CHECK)));
             if self.lead_woken.load(Ordering::SeqCst) {
                 continue;
             }
