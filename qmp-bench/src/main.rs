@@ -29,7 +29,7 @@ struct Args {
     /// Decode `big` replies into typed structs (as a client with QAPI types would) instead of a
     /// `serde_json::Value`.
     typed: bool,
-    /// Blocking `pipeline` from one thread (`Client::as_async` under `qmp_blocking::block_on`)
+    /// Blocking `pipeline` from one thread (`Client::as_async` under `Client::block_on`)
     /// instead of W threads.
     one_thread: bool,
 }
@@ -298,7 +298,7 @@ fn blocking_workload(
         }
         "pipeline" if args.one_thread => {
             // One thread keeps W in flight through the async client inside.
-            qmp_blocking::block_on(workload(client.as_async(), args))?;
+            client.block_on(workload(client.as_async(), args))?;
         }
         "pipeline" => {
             // W threads sharing the client, each waiting for its own answers.

@@ -154,3 +154,54 @@ fn sequential_leading_calls_with_events_interleaved() {
     client.disconnect();
     server.check();
 }
+
+/// `Client::block_on` drives the connection from the calling thread: many commands in flight
+/// from one thread, a deadline among them, and another thread's calls served meanwhile.
+#[test]
+fn block_on_drives_many_calls_and_serves_other_threads() {
+    use futures_util::stream::{self, StreamExt};
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        let mut held = Vec::new();
+        while let Some(r) = c.recv() {
+            if r.name() == "never" {
+                held.push(r);
+                continue;
+            }
+            c.reply(&r.command, r.arguments()["echo"].clone());
+        }
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let other = {
+        let c = client.with_timeout(Duration::from_secs(10));
+        std::thread::spawn(move || {
+            for i in 0..200u64 {
+                let echo = 100_000 + i;
+                assert_eq!(
+                    c.execute("echo", json!({ "echo": echo })).unwrap(),
+                    json!(echo)
+                );
+            }
+        })
+    };
+    let a = client.as_async().clone();
+    let short = a.with_timeout(Duration::from_millis(100));
+    let (results, never) = client.block_on(async {
+        let calls = stream::iter(0..2000u64)
+            .map(|i| {
+                let a = a.clone();
+                async move { (i, a.execute("echo", json!({ "echo": i })).await) }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>();
+        futures_util::join!(calls, short.execute("never", ()))
+    });
+    assert_eq!(results.len(), 2000);
+    for (i, r) in results {
+        assert_eq!(r.unwrap(), json!(i));
+    }
+    assert!(matches!(never, Err(Error::Timeout)), "{never:?}");
+    other.join().unwrap();
+    client.disconnect();
+    server.check();
+}
