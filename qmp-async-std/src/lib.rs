@@ -38,12 +38,14 @@
 //!
 //! | executor | spawner | your code runs in |
 //! |---|---|---|
-//! | smol | `\|task\| smol::spawn(task).detach()` | `smol::block_on` or `smol::spawn` |
+//! | smol | `\|task\| smol::spawn(task).detach()` (or your `Executor`'s `spawn`) | a task on that executor |
 //! | async-std | `\|task\| drop(async_std::task::spawn(task))` | `async_std::task::spawn` (not `block_on`, which runs on the calling thread) |
 //!
 //! Measured against a fake server on one CPU (`BENCHMARKS.md`), async-std round trips took
 //! 2.6 s per 100,000 on a thread of its own and 1.46 s with the spawner and the work in a
-//! spawned task (tokio: 1.32 s); 32 pipelined commands 0.73 s against 0.42 s per 300,000.
+//! spawned task (tokio: 1.32 s); 32 pipelined commands 0.73 s against 0.42 s per 300,000. With
+//! smol, the work as a task on the same executor rather than the `block_on` future itself made
+//! round trips 8% faster (1.44–1.52 s against 1.58–1.60 s).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), qmp_async_std::Error> {

@@ -232,20 +232,23 @@ fn tokio_main(args: &Args) -> Result<String, String> {
     })
 }
 
-/// smol's way: one executor on this thread runs both the connection's task and the workload, under
-/// `smol::block_on` (async-io's, which drives the reactor on this thread while it waits, instead of
-/// leaving it to async-io's helper thread).
+/// smol's way: one executor on this thread runs both the connection's task and the workload, as
+/// tasks, under `smol::block_on` (async-io's, which drives the reactor on this thread while it
+/// waits, instead of leaving it to async-io's helper thread). The workload as the `block_on`
+/// future itself instead: round trips 8% slower (each wake of it goes through the reactor).
 fn smol_main(args: &Args) -> Result<String, String> {
     let executor = std::sync::Arc::new(async_executor::Executor::new());
     let spawner = std::sync::Arc::clone(&executor);
     let options = options(args).spawner(move |task| spawner.spawn(task).detach());
-    async_io::block_on(executor.run(async {
+    let args = args.clone();
+    let work = executor.spawn(async move {
         run_async(
             qmp_async_std::connect(args.socket.as_str(), options).await,
-            args,
+            &args,
         )
         .await
-    }))
+    });
+    async_io::block_on(executor.run(work))
 }
 
 /// async-std's way: everything on its executor — the workload in a spawned task, and the
