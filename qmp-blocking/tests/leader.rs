@@ -205,3 +205,78 @@ fn block_on_drives_many_calls_and_serves_other_threads() {
     client.disconnect();
     server.check();
 }
+
+/// The blocking API itself (not `as_async`) against real peers, where each call leads:
+/// qemu-storage-daemon round trips, an error, the mirror job's events through a subscription;
+/// and qemu-ga calls, including one that times out and the resync after it.
+#[test]
+fn leading_calls_against_real_qemu_and_qemu_ga() {
+    let qsd = qmp_testkit::Qsd::start();
+    let client = qmp_blocking::connect(qsd.socket(), Options::new()).unwrap();
+    for _ in 0..200 {
+        let v = client.execute("query-version", ()).unwrap();
+        assert!(v["qemu"]["major"].as_u64().is_some());
+    }
+    let err = client.execute("no-such-command", ()).unwrap_err();
+    assert!(err.is_qmp_class("CommandNotFound"), "{err:?}");
+    let mut jobs = client.subscribe(EventFilter::name("JOB_STATUS_CHANGE"));
+    for node in ["src", "tgt"] {
+        client
+            .execute(
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": node, "size": 1 << 20}),
+            )
+            .unwrap();
+    }
+    client
+        .execute(
+            "blockdev-mirror",
+            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}),
+        )
+        .unwrap();
+    let mut statuses = Vec::new();
+    while statuses.last().map(String::as_str) != Some("ready") {
+        let e = jobs.recv_timeout(Duration::from_secs(10)).unwrap();
+        statuses.push(
+            e.data_value().unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(statuses[..2], ["created", "running"]);
+    client.execute("job-complete", json!({"id": "j"})).unwrap();
+    while statuses.last().map(String::as_str) != Some("null") {
+        let e = jobs.recv_timeout(Duration::from_secs(10)).unwrap();
+        statuses.push(
+            e.data_value().unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    client.disconnect();
+
+    let qga = qmp_testkit::QemuGa::start();
+    let agent = qmp_blocking::connect_guest_agent(qga.socket(), Options::new()).unwrap();
+    for _ in 0..50 {
+        assert_eq!(agent.execute("guest-ping", ()).unwrap(), json!({}));
+    }
+    // A 1 ms deadline: usually missed (the client then resyncs with the agent), sometimes met.
+    // Either way it ends on time, and the next call gets its own answer.
+    let started = Instant::now();
+    let quick = agent.with_timeout(Duration::from_millis(1));
+    match quick.execute("guest-info", ()) {
+        Err(Error::Timeout) | Ok(_) => {}
+        Err(e) => panic!("{e}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        agent
+            .with_timeout(Duration::from_secs(10))
+            .execute("guest-ping", ())
+            .unwrap(),
+        json!({})
+    );
+    agent.disconnect();
+}
