@@ -1,6 +1,7 @@
 //! Just enough of an executor to run a connection's task on a thread with `poll(2)`, and to block
 //! a calling thread on a future.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{self, Read, Write};
@@ -454,6 +455,20 @@ impl Shared {
         {
             return (first(), None);
         }
+        /// Stops assisting even if `first` panics (user code, in [`Client::block_on`]): a flag
+        /// left set would send every later wake to nobody.
+        ///
+        /// [`Client::block_on`]: crate::Client::block_on
+        struct Assisting<'a>(&'a Shared);
+        impl Drop for Assisting<'_> {
+            fn drop(&mut self) {
+                self.0.assisting.store(false, Ordering::SeqCst);
+                if self.0.assist_dirty.swap(false, Ordering::SeqCst) {
+                    self.0.wake();
+                }
+            }
+        }
+        let assisting = Assisting(self);
         let out = first();
         self.assist_dirty.store(true, Ordering::SeqCst);
         let mut waits_on = None;
@@ -467,10 +482,7 @@ impl Shared {
             };
             waits_on = self.poll_task(&mut task);
         }
-        self.assisting.store(false, Ordering::SeqCst);
-        if self.assist_dirty.swap(false, Ordering::SeqCst) {
-            self.wake();
-        }
+        drop(assisting);
         (out, waits_on)
     }
 
@@ -497,6 +509,23 @@ impl Shared {
                 waits_on.unwrap_or_else(|| (true, false, Some(Instant::now() + LEADER_CHECK)));
             poller.wait(self, read, write, deadline, true);
         }
+    }
+
+    /// A blocking call made from inside a future this thread is leading with (a blocking call in
+    /// async code: a mistake, but not one to deadlock on). The leading loop up the stack cannot
+    /// run until this returns, so the connection's thread takes the socket and the task's wakes
+    /// meanwhile; the leader resumes afterwards, and looks at everything again.
+    fn nested<F: Future>(&self, future: Pin<&mut F>) -> F::Output {
+        let assisting = self.assisting.swap(false, Ordering::SeqCst);
+        self.leader.store(false, Ordering::SeqCst);
+        self.assist_dirty.store(false, Ordering::SeqCst);
+        self.wake();
+        let output = block_on(future);
+        self.leader.store(true, Ordering::SeqCst);
+        self.assisting.store(assisting, Ordering::SeqCst);
+        self.assist_dirty.store(true, Ordering::SeqCst);
+        self.lead_woken.store(true, Ordering::SeqCst);
+        output
     }
 }
 
@@ -682,6 +711,7 @@ struct Lead<'a>(&'a Shared);
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
+        LEADING.with(|l| l.borrow_mut().pop());
         self.0.leader.store(false, Ordering::SeqCst);
         // Calls that started meanwhile wait for replies that nobody reads now.
         if self.0.calls.load(Ordering::SeqCst) > 1 {
@@ -706,7 +736,16 @@ pub(crate) fn block_on_driving<F: Future>(shared: &Arc<Shared>, future: F) -> F:
     lead_or_park(shared, pin!(future), true)
 }
 
+thread_local! {
+    /// The connections this thread leads, innermost last (as `Shared` addresses).
+    static LEADING: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
 fn lead_or_park<F: Future>(shared: &Shared, future: Pin<&mut F>, lead: bool) -> F::Output {
+    let me = std::ptr::from_ref(shared) as usize;
+    if LEADING.with(|l| l.borrow().contains(&me)) {
+        return shared.nested(future);
+    }
     if lead
         && let Some(poller) = shared.poller()
         && shared
@@ -714,6 +753,7 @@ fn lead_or_park<F: Future>(shared: &Shared, future: Pin<&mut F>, lead: bool) -> 
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
     {
+        LEADING.with(|l| l.borrow_mut().push(me));
         let _lead = Lead(shared);
         return shared.lead(future, &poller);
     }

@@ -280,3 +280,85 @@ fn leading_calls_against_real_qemu_and_qemu_ga() {
     );
     agent.disconnect();
 }
+
+/// Blocking calls made from inside `Client::block_on` (a blocking call in async code: a mistake,
+/// but one that must not deadlock): on the same connection, through a nested `block_on`, and on
+/// another connection; the outer future's own calls still complete.
+#[test]
+fn blocking_calls_nested_in_block_on_do_not_deadlock() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            c.reply(&r.command, r.arguments()["echo"].clone());
+        }
+    });
+    let options = || Options::new().timeout(Duration::from_secs(10));
+    let client = qmp_blocking::connect(server.path(), options()).unwrap();
+    let other = qmp_blocking::connect(server.path(), options()).unwrap();
+    let got = client.block_on(async {
+        let first = client
+            .as_async()
+            .execute("echo", json!({ "echo": 1 }))
+            .await
+            .unwrap();
+        let nested = client.execute("echo", json!({ "echo": 2 })).unwrap();
+        let twice = client.block_on(async {
+            client
+                .as_async()
+                .execute("echo", json!({ "echo": 3 }))
+                .await
+                .unwrap()
+        });
+        let elsewhere = other.execute("echo", json!({ "echo": 4 })).unwrap();
+        let last = client
+            .as_async()
+            .execute("echo", json!({ "echo": 5 }))
+            .await
+            .unwrap();
+        [first, nested, twice, elsewhere, last]
+    });
+    assert_eq!(got, [json!(1), json!(2), json!(3), json!(4), json!(5)]);
+    // And the connection is still driven properly afterwards.
+    for i in 0..100 {
+        assert_eq!(
+            client.execute("echo", json!({ "echo": i })).unwrap(),
+            json!(i)
+        );
+    }
+    client.disconnect();
+    other.disconnect();
+    server.check();
+}
+
+/// A future that panics inside `Client::block_on` leaves the connection working.
+#[test]
+fn a_panic_inside_block_on_leaves_the_connection_working() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            c.reply(&r.command, r.arguments()["echo"].clone());
+        }
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        client.block_on(async {
+            client
+                .as_async()
+                .execute("echo", json!({ "echo": 1 }))
+                .await
+                .unwrap();
+            panic!("user code");
+        })
+    }));
+    assert!(panicked.is_err());
+    // From another thread (the connection's thread must read for it) and from this one.
+    let c = client.with_timeout(Duration::from_secs(10));
+    let t = std::thread::spawn(move || c.execute("echo", json!({ "echo": 2 })).unwrap());
+    assert_eq!(t.join().unwrap(), json!(2));
+    assert_eq!(
+        client.execute("echo", json!({ "echo": 3 })).unwrap(),
+        json!(3)
+    );
+    client.disconnect();
+    server.check();
+}
