@@ -1,7 +1,7 @@
 //! Just enough of an executor to run a connection's task on a thread with `poll(2)`, and to block
 //! a calling thread on a future.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{self, Read, Write};
@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::pin::{Pin, pin};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
@@ -99,18 +100,20 @@ struct Poller {
 }
 
 impl Poller {
-    /// Sleeps until the socket is ready for what is asked, the wake pipe is written, or
-    /// `deadline`; then empties the pipe. Returns whether it had been written. A leading call
-    /// (`lead`) also wakes for its own pipe.
+    /// Sleeps until the socket is ready for what is asked (`None`: not watched at all), the
+    /// wake pipe is written, or `deadline`; then empties the pipe. Returns whether it held a
+    /// wake (seen by `poll`, or only found when draining: another thread sleeping on the pipe
+    /// was woken by that byte too, and may have gone back to sleep finding it gone). A leading
+    /// call (`lead`) also wakes for its own pipe.
     fn wait(
         &self,
         shared: &Shared,
-        read: bool,
-        write: bool,
+        socket: Option<(bool, bool)>,
         deadline: Option<Instant>,
         lead: bool,
     ) -> bool {
         let mut flags = PollFlags::empty();
+        let (read, write) = socket.unwrap_or_default();
         if read {
             flags |= PollFlags::IN;
         }
@@ -124,12 +127,22 @@ impl Poller {
                 tv_nsec: i64::from(d.subsec_nanos()),
             }
         });
+        // Even with no events asked, `poll` reports a hung-up socket: leave it out entirely when
+        // it is not to be watched (the task has ended), rather than wake at once forever.
         let mut fds = [
-            PollFd::new(&self.fd, flags),
             PollFd::new(&self.wake_rx, PollFlags::IN),
             PollFd::new(&self.lead_rx, PollFlags::IN),
+            PollFd::new(&self.fd, flags),
         ];
-        let n = if lead { 3 } else { 2 };
+        let n = match (lead, socket.is_some()) {
+            (false, false) => 1,
+            (false, true) => {
+                fds.swap(1, 2);
+                2
+            }
+            (true, false) => 2,
+            (true, true) => 3,
+        };
         if lead {
             // Either the waker sees this flag and writes the pipe, or this sees its wake.
             shared.lead_sleeping.store(true, Ordering::SeqCst);
@@ -140,7 +153,7 @@ impl Poller {
         }
         // EINTR and friends: just go round again.
         let _ = rustix::event::poll(&mut fds[..n], timeout.as_ref());
-        let woken = !fds[1].revents().is_empty();
+        let mut woken = !fds[0].revents().is_empty();
         let mut drain = [0u8; 64];
         if lead {
             shared.lead_sleeping.store(false, Ordering::SeqCst);
@@ -149,8 +162,12 @@ impl Poller {
         // Drain before clearing the flag: a wake in between then finds the flag still set and
         // writes nothing, but the task is polled next anyway. The other order could eat the
         // byte of a wake that set the flag, leaving the flag set and every later wake silent.
-        while matches!((&self.wake_rx).read(&mut drain), Ok(n) if n > 0) {}
-        shared.wake_pending.store(false, Ordering::Release);
+        while let Ok(n @ 1..) = (&self.wake_rx).read(&mut drain) {
+            woken |= n > 0;
+        }
+        // SeqCst: the task is polled after this, and a waker must either see the flag clear and
+        // write, or have written before the drain.
+        shared.wake_pending.store(false, Ordering::SeqCst);
         woken
     }
 }
@@ -392,7 +409,7 @@ impl Shared {
                 return;
             }
         }
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
             let _ = (&self.wake_tx).write(&[1]);
         }
     }
@@ -442,18 +459,15 @@ impl Shared {
 
     /// Runs `first` (a poll of a future that may submit commands), then polls the task on this
     /// thread, again while wakes arrive as it does (a few rounds; the rest go to the pipe). Wakes
-    /// meanwhile are noted instead of written to the pipe. Returns what `first` returned and what
-    /// the task then waits on, or `None` if it has ended or another thread is polling it.
-    fn poll_here<T>(
-        &self,
-        first: impl FnOnce() -> T,
-    ) -> (T, Option<(bool, bool, Option<Instant>)>) {
+    /// meanwhile are noted instead of written to the pipe. Returns what `first` returned and
+    /// what became of the task.
+    fn poll_here<T>(&self, first: impl FnOnce() -> T) -> (T, Polled) {
         if self
             .assisting
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
-            return (first(), None);
+            return (first(), Polled::Busy);
         }
         /// Stops assisting even if `first` panics (user code, in [`Client::block_on`]): a flag
         /// left set would send every later wake to nobody.
@@ -471,19 +485,22 @@ impl Shared {
         let assisting = Assisting(self);
         let out = first();
         self.assist_dirty.store(true, Ordering::SeqCst);
-        let mut waits_on = None;
+        let mut polled = Polled::Busy;
         for _ in 0..ASSIST_ROUNDS {
             if !self.assist_dirty.swap(false, Ordering::SeqCst) {
                 break;
             }
             let Ok(mut task) = self.task.try_lock() else {
-                waits_on = None;
+                polled = Polled::Busy;
                 break;
             };
-            waits_on = self.poll_task(&mut task);
+            polled = match self.poll_task(&mut task) {
+                Some((read, write, deadline)) => Polled::Waits(read, write, deadline),
+                None => Polled::Ended,
+            };
         }
         drop(assisting);
-        (out, waits_on)
+        (out, polled)
     }
 
     /// Runs `future` to completion on this thread, which drives the connection meanwhile: it
@@ -491,63 +508,81 @@ impl Shared {
     /// and the wake pipe itself, instead of sleeping while the connection's thread reads the
     /// replies and wakes this one. A thread switch less per reply: round trips on one CPU went
     /// from 0.69 to 1.0 times tokio's speed. `leader` is set, so the connection's thread stays
-    /// off the socket meanwhile.
-    fn lead<F: Future>(&self, mut future: Pin<&mut F>, poller: &Poller) -> F::Output {
+    /// off the socket meanwhile. If this thread loses the lead (see [`Suspended`]), it finishes
+    /// as [`block_on`].
+    fn lead<F: Future>(
+        &self,
+        mut future: Pin<&mut F>,
+        poller: &Poller,
+        held: &Cell<bool>,
+    ) -> F::Output {
         let mut cx = Context::from_waker(&self.lead_waker);
         loop {
             self.lead_woken.store(false, Ordering::SeqCst);
-            let (polled, waits_on) = self.poll_here(|| future.as_mut().poll(&mut cx));
+            let (polled, task) = self.poll_here(|| future.as_mut().poll(&mut cx));
             if let Poll::Ready(output) = polled {
                 return output;
+            }
+            if !held.get() {
+                return block_on(future);
             }
             if self.lead_woken.load(Ordering::SeqCst) {
                 continue;
             }
-            // `None`: another thread holds the task. What it completes wakes this one; its timers
-            // are this one's to keep, so look again shortly.
-            let (read, write, deadline) =
-                waits_on.unwrap_or_else(|| (true, false, Some(Instant::now() + LEADER_CHECK)));
-            poller.wait(self, read, write, deadline, true);
+            match task {
+                Polled::Waits(read, write, deadline) => {
+                    poller.wait(self, Some((read, write)), deadline, true);
+                }
+                // Another thread holds the task: what it completes wakes this one, and it says
+                // what changed; still, look again shortly.
+                Polled::Busy => {
+                    let check = Instant::now() + LEADER_CHECK;
+                    poller.wait(self, Some((true, false)), Some(check), true);
+                }
+                // Only `future`'s own wakers are left to wait for.
+                Polled::Ended => {
+                    poller.wait(self, None, None, true);
+                }
+            }
         }
     }
+}
 
-    /// A blocking call made from inside a future this thread is leading with (a blocking call in
-    /// async code: a mistake, but not one to deadlock on). The leading loop up the stack cannot
-    /// run until this returns, so the connection's thread takes the socket and the task's wakes
-    /// meanwhile; the leader resumes afterwards, and looks at everything again.
-    fn nested<F: Future>(&self, future: Pin<&mut F>) -> F::Output {
-        let assisting = self.assisting.swap(false, Ordering::SeqCst);
-        self.leader.store(false, Ordering::SeqCst);
-        self.assist_dirty.store(false, Ordering::SeqCst);
-        self.wake();
-        let output = block_on(future);
-        self.leader.store(true, Ordering::SeqCst);
-        self.assisting.store(assisting, Ordering::SeqCst);
-        self.assist_dirty.store(true, Ordering::SeqCst);
-        self.lead_woken.store(true, Ordering::SeqCst);
-        output
-    }
+/// What became of a connection's task polled by a leading call.
+enum Polled {
+    /// It waits on the socket (read, write) and its deadline.
+    Waits(bool, bool, Option<Instant>),
+    /// Another thread is polling it.
+    Busy,
+    /// It has finished.
+    Ended,
 }
 
 /// Runs a connection's task to completion on this thread.
 fn run(shared: &Arc<Shared>, poller: &Poller) {
     loop {
-        let (read, write, deadline) = {
+        let waits_on = {
             let mut task = shared.task.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(waits_on) = shared.poll_task(&mut task) else {
                 return;
             };
             waits_on
         };
+        if shared.leader.load(Ordering::SeqCst) {
+            // What that poll changed (a command written, a deadline set, new interest) is the
+            // leading call's to wait on now: it may be asleep on what it saw before.
+            shared.lead_waker.wake_by_ref();
+        }
+        let (read, write, deadline) = waits_on;
         loop {
             if !shared.leader.load(Ordering::SeqCst) {
-                poller.wait(shared, read, write, deadline, false);
+                poller.wait(shared, Some((read, write)), deadline, false);
                 break;
             }
             // A call is reading the socket and keeping the task's deadlines itself: only a wake
             // is this thread's business, or the call's end.
             let check = Instant::now() + LEADER_CHECK;
-            let woken = poller.wait(shared, false, false, Some(check), false);
+            let woken = poller.wait(shared, None, Some(check), false);
             if woken || !shared.leader.load(Ordering::SeqCst) {
                 break;
             }
@@ -706,16 +741,73 @@ impl Drop for Call<'_> {
     }
 }
 
-/// The leading call's hold on the socket, released when it ends.
-struct Lead<'a>(&'a Shared);
+/// The leading call's hold on the socket, released when it ends (unless it was lost meanwhile).
+struct Lead<'a> {
+    shared: &'a Shared,
+    held: Rc<Cell<bool>>,
+}
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
         LEADING.with(|l| l.borrow_mut().pop());
-        self.0.leader.store(false, Ordering::SeqCst);
+        if !self.held.get() {
+            return;
+        }
+        self.shared.leader.store(false, Ordering::SeqCst);
         // Calls that started meanwhile wait for replies that nobody reads now.
-        if self.0.calls.load(Ordering::SeqCst) > 1 {
-            self.0.wake();
+        if self.shared.calls.load(Ordering::SeqCst) > 1 {
+            self.shared.wake();
+        }
+    }
+}
+
+/// A connection this thread leads, and whether it holds the lead now.
+type Led = (Arc<Shared>, Rc<Cell<bool>>);
+
+thread_local! {
+    /// The connections this thread leads, innermost last.
+    static LEADING: RefCell<Vec<Led>> = const { RefCell::new(Vec::new()) };
+}
+
+/// While this thread blocks on anything but the connection it leads innermost (a blocking call
+/// from async code, another connection's call), the connections it leads go back to their own
+/// threads: otherwise nobody would read them, nor write other threads' commands, until it
+/// returns. Dropped, it takes the leads back, unless another thread has taken one meanwhile;
+/// that lead's loop then finishes as [`block_on`].
+struct Suspended(Vec<(Arc<Shared>, Rc<Cell<bool>>, bool)>);
+
+impl Suspended {
+    fn leads() -> Self {
+        Self(LEADING.with(|l| {
+            l.borrow()
+                .iter()
+                .filter(|(_, held)| held.get())
+                .map(|(shared, held)| {
+                    held.set(false);
+                    let assisting = shared.assisting.swap(false, Ordering::SeqCst);
+                    shared.leader.store(false, Ordering::SeqCst);
+                    shared.wake();
+                    (Arc::clone(shared), Rc::clone(held), assisting)
+                })
+                .collect()
+        }))
+    }
+}
+
+impl Drop for Suspended {
+    fn drop(&mut self) {
+        for (shared, held, assisting) in self.0.drain(..) {
+            if shared
+                .leader
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                held.set(true);
+                shared.assisting.store(assisting, Ordering::SeqCst);
+                // Look at everything again: wakes went elsewhere meanwhile.
+                shared.assist_dirty.store(true, Ordering::SeqCst);
+                shared.lead_woken.store(true, Ordering::SeqCst);
+            }
         }
     }
 }
@@ -736,16 +828,8 @@ pub(crate) fn block_on_driving<F: Future>(shared: &Arc<Shared>, future: F) -> F:
     lead_or_park(shared, pin!(future), true)
 }
 
-thread_local! {
-    /// The connections this thread leads, innermost last (as `Shared` addresses).
-    static LEADING: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-}
-
-fn lead_or_park<F: Future>(shared: &Shared, future: Pin<&mut F>, lead: bool) -> F::Output {
-    let me = std::ptr::from_ref(shared) as usize;
-    if LEADING.with(|l| l.borrow().contains(&me)) {
-        return shared.nested(future);
-    }
+fn lead_or_park<F: Future>(shared: &Arc<Shared>, future: Pin<&mut F>, lead: bool) -> F::Output {
+    let _suspended = Suspended::leads();
     if lead
         && let Some(poller) = shared.poller()
         && shared
@@ -753,9 +837,13 @@ fn lead_or_park<F: Future>(shared: &Shared, future: Pin<&mut F>, lead: bool) -> 
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
     {
-        LEADING.with(|l| l.borrow_mut().push(me));
-        let _lead = Lead(shared);
-        return shared.lead(future, &poller);
+        let held = Rc::new(Cell::new(true));
+        LEADING.with(|l| l.borrow_mut().push((Arc::clone(shared), Rc::clone(&held))));
+        let _lead = Lead {
+            shared,
+            held: Rc::clone(&held),
+        };
+        return shared.lead(future, &poller, &held);
     }
     block_on(future)
 }
@@ -763,6 +851,7 @@ fn lead_or_park<F: Future>(shared: &Shared, future: Pin<&mut F>, lead: bool) -> 
 /// Runs `future` to completion on this thread, sleeping between polls: how every blocking call
 /// here waits, and a way to use [`Client::as_async`](crate::Client::as_async) from blocking code.
 pub fn block_on<F: Future>(future: F) -> F::Output {
+    let _suspended = Suspended::leads();
     let mut future = pin!(future);
     let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
     let mut cx = Context::from_waker(&waker);

@@ -1,0 +1,341 @@
+//! Hazards of calls that drive the connection from their own thread (see `leader.rs`), found in
+//! review: wakes another thread drained, deadlines set by the connection's thread while a call
+//! leads, blocking calls made from inside `Client::block_on`, and a lead outliving its
+//! connection. Each test failed (hung, or was late) before the fix it names.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use qmp_blocking::{EventFilter, Options};
+use qmp_testkit::FakeServer;
+use serde_json::json;
+
+fn echo_server() -> FakeServer {
+    FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            c.reply(&r.command, r.arguments()["echo"].clone());
+            if r.name() == "emit" {
+                std::thread::sleep(Duration::from_millis(50));
+                c.event("E", json!({}));
+            }
+        }
+    })
+}
+
+/// Runs f on a thread; Err if it does not finish within `limit`.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ()> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).map_err(|_| ())
+}
+
+/// Subscription::recv_timeout (plain block_on) inside Client::block_on on the same connection.
+#[test]
+fn a_subscription_read_inside_block_on_gets_its_event() {
+    let server = echo_server();
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let got = within(Duration::from_secs(10), move || {
+        let mut ev = client.subscribe(EventFilter::name("E"));
+        client.block_on(async {
+            client
+                .as_async()
+                .execute("emit", json!({"echo": 1}))
+                .await
+                .unwrap();
+            ev.recv_timeout(Duration::from_secs(3))
+        })
+    });
+    eprintln!("recv inside block_on: {got:?}");
+    assert!(matches!(got, Ok(Ok(_))), "{got:?}");
+}
+
+/// Client::disconnect (plain block_on) inside Client::block_on.
+#[test]
+fn disconnect_inside_block_on_returns() {
+    let server = echo_server();
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let got = within(Duration::from_secs(5), move || {
+        client.block_on(async {
+            client.disconnect();
+        })
+    });
+    assert!(got.is_ok(), "disconnect inside block_on hung");
+}
+
+/// qmp_blocking::block_on(as_async().execute()) inside Client::block_on.
+#[test]
+fn the_free_block_on_inside_block_on_returns() {
+    let server = echo_server();
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let got = within(Duration::from_secs(5), move || {
+        client.block_on(async {
+            qmp_blocking::block_on(client.as_async().execute("x", json!({"echo": 1})))
+        })
+    });
+    assert!(got.is_ok(), "free block_on inside block_on hung");
+}
+
+fn cpu_time() -> Duration {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// The connection ends while Client::block_on runs a future that outlives it: the lead waits for
+/// the future's own wakers, instead of polling a hung-up socket in a loop.
+#[test]
+fn a_lead_outliving_its_connection_does_not_spin() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        c.expect("bye");
+        c.close();
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let cpu0 = cpu_time();
+    let t0 = Instant::now();
+    let _ = client.block_on(async {
+        let _ = client.as_async().execute("bye", ()).await;
+        // Something unrelated that takes a while (a subscription to another connection, a
+        // channel...): here a wait_for on a closed connection would end at once, so use a
+        // thread-based timer.
+        let (tx, rx) = futures_channel_like();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            tx();
+        });
+        rx.await;
+    });
+    let cpu = cpu_time() - cpu0;
+    eprintln!("wall {:?} cpu {:?}", t0.elapsed(), cpu);
+    assert!(
+        cpu < Duration::from_millis(300),
+        "spun: {cpu:?} of CPU in {:?}",
+        t0.elapsed()
+    );
+}
+
+fn futures_channel_like() -> (impl FnOnce() + Send, impl std::future::Future<Output = ()>) {
+    use std::sync::{Arc, Mutex};
+    use std::task::{Poll, Waker};
+    let st: Arc<Mutex<(bool, Option<Waker>)>> = Arc::new(Mutex::new((false, None)));
+    let st2 = st.clone();
+    let fire = move || {
+        let mut g = st2.lock().unwrap();
+        g.0 = true;
+        if let Some(w) = g.1.take() {
+            w.wake();
+        }
+    };
+    let fut = std::future::poll_fn(move |cx| {
+        let mut g = st.lock().unwrap();
+        if g.0 {
+            Poll::Ready(())
+        } else {
+            g.1 = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    });
+    (fire, fut)
+}
+
+/// One thread leads (Client::block_on of a 300 ms wait); others make calls that the leader must
+/// serve. A lost wake shows as a call taking about as long as the leader's wait.
+#[test]
+fn calls_from_other_threads_while_a_block_on_leads_are_not_delayed() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            c.reply(&r.command, json!({}));
+        }
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let secs: u64 = std::env::var("STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let leader = {
+        let c = client.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.block_on(
+                    c.as_async()
+                        .wait_for(EventFilter::name("NEVER"), Duration::from_millis(300)),
+                );
+                n += 1;
+            }
+            n
+        })
+    };
+    let workers: Vec<_> = (0..std::env::var("WORKERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3))
+        .map(|_| {
+            let c = client.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut worst = Duration::ZERO;
+                let mut slow = 0;
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    c.execute("b", ()).unwrap();
+                    let e = t.elapsed();
+                    if e > Duration::from_millis(100) {
+                        eprintln!("slow call: {e:?}");
+                        slow += 1;
+                    }
+                    worst = worst.max(e);
+                    n += 1;
+                }
+                (n, slow, worst)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total_slow = 0;
+    for w in workers {
+        let (n, slow, worst) = w.join().unwrap();
+        eprintln!("calls {n} slow(>100ms) {slow} worst {worst:?}");
+        total_slow += slow;
+    }
+    eprintln!("leader rounds {}", leader.join().unwrap());
+    assert_eq!(total_slow, 0);
+}
+
+/// As above, but the other calls time out (the server never answers them): their deadline is kept
+/// by whoever polls the task, which must be the leader. A deadline lost shows as a call timing
+/// out about when the leader's wait ends instead of after 20 ms.
+#[test]
+fn deadlines_of_other_threads_calls_are_kept_while_a_block_on_leads() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        while let Some(_r) = c.recv() {}
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let secs: u64 = std::env::var("STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let leader = {
+        let c = client.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.block_on(
+                    c.as_async()
+                        .wait_for(EventFilter::name("NEVER"), Duration::from_millis(500)),
+                );
+                n += 1;
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let workers: Vec<_> = (0..std::env::var("WORKERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1))
+        .map(|_| {
+            let c = client.with_timeout(Duration::from_millis(20));
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut worst = Duration::ZERO;
+                let mut slow = 0;
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    assert!(c.execute("b", ()).is_err());
+                    let e = t.elapsed();
+                    if e > Duration::from_millis(150) {
+                        eprintln!("slow timeout: {e:?}");
+                        slow += 1;
+                    }
+                    worst = worst.max(e);
+                    n += 1;
+                }
+                (n, slow, worst)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total_slow = 0;
+    for w in workers {
+        let (n, slow, worst) = w.join().unwrap();
+        eprintln!("calls {n} slow(>150ms) {slow} worst {worst:?}");
+        total_slow += slow;
+    }
+    eprintln!("leader rounds {}", leader.join().unwrap());
+    assert_eq!(total_slow, 0);
+}
+
+/// Thread 1 is inside `Client::block_on` on connection A, blocked in a slow call on connection B
+/// (the "blocking call in async code" mistake the commit tolerates). Thread 2's ordinary call on A
+/// should not have to wait for it.
+#[test]
+fn blocking_elsewhere_inside_block_on_does_not_starve_other_threads() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            if r.name() == "slow" {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            c.reply(&r.command, json!({}));
+        }
+    });
+    let a = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let b = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let t1 = {
+        let a = a.clone();
+        std::thread::spawn(move || a.block_on(async { b.execute("slow", ()).unwrap() }))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    a.execute("quick", ()).unwrap();
+    let took = t.elapsed();
+    t1.join().unwrap();
+    eprintln!("quick call on A took {took:?}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+}
+
+/// Two threads, each inside `Client::block_on` on one connection, each making a blocking call on
+/// the other's.
+#[test]
+fn crosswise_blocking_calls_inside_block_on_do_not_deadlock() {
+    let server = echo_server();
+    let a = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let b = qmp_blocking::connect(server.path(), Options::new()).unwrap();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let got = within(Duration::from_secs(5), move || {
+        let t1 = {
+            let (a, b, barrier) = (a.clone(), b.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                a.block_on(async {
+                    barrier.wait();
+                    b.execute("x", json!({"echo": 1})).unwrap()
+                })
+            })
+        };
+        let r2 = b.block_on(async {
+            barrier.wait();
+            a.execute("x", json!({"echo": 2})).unwrap()
+        });
+        (t1.join().unwrap(), r2)
+    });
+    assert!(got.is_ok(), "crosswise deadlock");
+}
