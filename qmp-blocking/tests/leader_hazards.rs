@@ -101,7 +101,7 @@ fn a_lead_outliving_its_connection_does_not_spin() {
     let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
     let cpu0 = cpu_time();
     let t0 = Instant::now();
-    let _ = client.block_on(async {
+    client.block_on(async {
         let _ = client.as_async().execute("bye", ()).await;
         // Something unrelated that takes a while (a subscription to another connection, a
         // channel...): here a wait_for on a closed connection would end at once, so use a
@@ -122,7 +122,7 @@ fn a_lead_outliving_its_connection_does_not_spin() {
     );
 }
 
-fn futures_channel_like() -> (impl FnOnce() + Send, impl std::future::Future<Output = ()>) {
+fn futures_channel_like() -> (impl FnOnce() + Send, impl Future<Output = ()>) {
     use std::sync::{Arc, Mutex};
     use std::task::{Poll, Waker};
     let st: Arc<Mutex<(bool, Option<Waker>)>> = Arc::new(Mutex::new((false, None)));
