@@ -38,7 +38,9 @@
 //! this made round trips 1.5 times faster, as fast as `qmp-tokio`'s (`BENCHMARKS.md`). Calls
 //! that start while another is under way sleep until the reading thread hands them their reply.
 //! When the last call is over, the background thread takes the socket back within 2 ms; an event
-//! arriving in that window is read then.
+//! arriving in that window is read then. A thread that drives a connection and blocks on
+//! anything else meanwhile (a blocking call made from inside [`Client::block_on`], say) hands
+//! the connection back to its thread for that time, so nothing waits on it.
 //!
 //! # Many commands at once from one thread
 //!
