@@ -461,7 +461,7 @@ impl Shared {
     /// thread, again while wakes arrive as it does (a few rounds; the rest go to the pipe). Wakes
     /// meanwhile are noted instead of written to the pipe. Returns what `first` returned and
     /// what became of the task.
-    fn poll_here<T>(&self, first: impl FnOnce() -> T) -> (T, Polled) {
+    fn poll_here<T>(&self, held: &Cell<bool>, first: impl FnOnce() -> T) -> (T, Polled) {
         if self
             .assisting
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
@@ -470,24 +470,32 @@ impl Shared {
             return (first(), Polled::Busy);
         }
         /// Stops assisting even if `first` panics (user code, in [`Client::block_on`]): a flag
-        /// left set would send every later wake to nobody.
+        /// left set would send every later wake to nobody. Unless the lead was lost while `first`
+        /// blocked ([`Suspended`]): the flags are the new leader's then.
         ///
         /// [`Client::block_on`]: crate::Client::block_on
-        struct Assisting<'a>(&'a Shared);
+        struct Assisting<'a>(&'a Shared, &'a Cell<bool>);
         impl Drop for Assisting<'_> {
             fn drop(&mut self) {
+                if !self.1.get() {
+                    return;
+                }
                 self.0.assisting.store(false, Ordering::SeqCst);
                 if self.0.assist_dirty.swap(false, Ordering::SeqCst) {
                     self.0.wake();
                 }
             }
         }
-        let assisting = Assisting(self);
+        let assisting = Assisting(self, held);
         let out = first();
+        if !held.get() {
+            return (out, Polled::Busy);
+        }
         self.assist_dirty.store(true, Ordering::SeqCst);
         let mut polled = Polled::Busy;
         for _ in 0..ASSIST_ROUNDS {
-            if !self.assist_dirty.swap(false, Ordering::SeqCst) {
+            // A subscriber's predicate, run by the task, may block elsewhere and lose the lead.
+            if !held.get() || !self.assist_dirty.swap(false, Ordering::SeqCst) {
                 break;
             }
             let Ok(mut task) = self.task.try_lock() else {
@@ -519,7 +527,7 @@ impl Shared {
         let mut cx = Context::from_waker(&self.lead_waker);
         loop {
             self.lead_woken.store(false, Ordering::SeqCst);
-            let (polled, task) = self.poll_here(|| future.as_mut().poll(&mut cx));
+            let (polled, task) = self.poll_here(held, || future.as_mut().poll(&mut cx));
             if let Poll::Ready(output) = polled {
                 return output;
             }
@@ -860,5 +868,123 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
             return output;
         }
         thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+    use std::sync::mpsc;
+
+    /// A lead suspended by a blocking call, and lost to another thread's `Client::block_on`
+    /// meanwhile, still runs the rest of `poll_here` when the blocking call returns: it consumes
+    /// `assist_dirty` (a wake the new leader's task poll received) and, failing `try_lock`,
+    /// drops it. Nobody polls the task again.
+    #[test]
+    fn a_lost_lead_returning_into_poll_here_eats_the_new_leaders_wake() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let (_t, _tm, rt, shared) = parts(Io::Unix(a)).unwrap();
+
+        struct St {
+            work: AtomicBool,
+            done: AtomicBool,
+            done_waker: Mutex<Option<Waker>>,
+            l_thread: OnceLock<thread::ThreadId>,
+            hooked: AtomicBool,
+            gate_tx: Mutex<Option<mpsc::Sender<()>>>,
+            stale_rx: Mutex<Option<mpsc::Receiver<()>>>,
+        }
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (stale_tx, stale_rx) = mpsc::channel::<()>();
+        let st = Arc::new(St {
+            work: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            done_waker: Mutex::new(None),
+            l_thread: OnceLock::new(),
+            hooked: AtomicBool::new(false),
+            gate_tx: Mutex::new(Some(gate_tx)),
+            stale_rx: Mutex::new(Some(stale_rx)),
+        });
+        let task = {
+            let st = st.clone();
+            std::future::poll_fn(move |cx| {
+                if st.work.swap(false, Ordering::SeqCst) {
+                    st.done.store(true, Ordering::SeqCst);
+                    if let Some(w) = st.done_waker.lock().unwrap().take() {
+                        w.wake();
+                    }
+                }
+                if st.l_thread.get() == Some(&thread::current().id())
+                    && !st.hooked.swap(true, Ordering::SeqCst)
+                {
+                    // A command is submitted while the leader polls the task, after the task
+                    // looked: its wake is what must make the task be polled again.
+                    st.work.store(true, Ordering::SeqCst);
+                    cx.waker().wake_by_ref();
+                    // The suspended thread's blocking call returns now.
+                    st.gate_tx.lock().unwrap().take().unwrap().send(()).unwrap();
+                    st.stale_rx.lock().unwrap().take().unwrap().recv().unwrap();
+                }
+                Poll::<()>::Pending
+            })
+        };
+        rt.spawn(Box::pin(task));
+        thread::sleep(Duration::from_millis(50));
+
+        // S leads, then blocks (suspending its lead) until the gate opens.
+        let (susp_tx, susp_rx) = mpsc::channel::<()>();
+        let s = {
+            let shared = shared.clone();
+            thread::spawn(move || {
+                lead_or_park(
+                    &shared,
+                    pin!(async {
+                        block_on(std::future::poll_fn(|_| {
+                            susp_tx.send(()).unwrap();
+                            gate_rx.recv().unwrap();
+                            Poll::Ready(())
+                        }))
+                    }),
+                    true,
+                );
+                stale_tx.send(()).unwrap();
+            })
+        };
+        susp_rx.recv().unwrap();
+        assert!(!shared.leader.load(Ordering::SeqCst));
+
+        // L takes the lead and waits for the work to be done by the task.
+        let (done_tx, done_rx) = mpsc::channel();
+        {
+            let shared = shared.clone();
+            let st = st.clone();
+            thread::spawn(move || {
+                st.l_thread.set(thread::current().id()).unwrap();
+                lead_or_park(
+                    &shared,
+                    pin!(std::future::poll_fn(|cx| {
+                        *st.done_waker.lock().unwrap() = Some(cx.waker().clone());
+                        if st.done.load(Ordering::SeqCst) {
+                            Poll::Ready(())
+                        } else {
+                            Poll::Pending
+                        }
+                    })),
+                    true,
+                );
+                done_tx.send(()).unwrap();
+            });
+        }
+        s.join().unwrap();
+        let r = done_rx.recv_timeout(Duration::from_secs(3));
+        assert!(
+            r.is_ok(),
+            "the wake submitted during the leader's task poll was lost: work={} assisting={} dirty={} leader={}",
+            st.work.load(Ordering::SeqCst),
+            shared.assisting.load(Ordering::SeqCst),
+            shared.assist_dirty.load(Ordering::SeqCst),
+            shared.leader.load(Ordering::SeqCst),
+        );
     }
 }

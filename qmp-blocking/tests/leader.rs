@@ -211,8 +211,11 @@ fn block_on_drives_many_calls_and_serves_other_threads() {
 /// and qemu-ga calls, including one that times out and the resync after it.
 #[test]
 fn leading_calls_against_real_qemu_and_qemu_ga() {
+    // Generous deadlines: a call that never completes fails here, naming itself, instead of
+    // hanging the suite.
+    let options = || Options::new().timeout(Duration::from_secs(30));
     let qsd = qmp_testkit::Qsd::start();
-    let client = qmp_blocking::connect(qsd.socket(), Options::new()).unwrap();
+    let client = qmp_blocking::connect(qsd.socket(), options()).unwrap();
     for _ in 0..200 {
         let v = client.execute("query-version", ()).unwrap();
         assert!(v["qemu"]["major"].as_u64().is_some());
@@ -258,7 +261,7 @@ fn leading_calls_against_real_qemu_and_qemu_ga() {
     client.disconnect();
 
     let qga = qmp_testkit::QemuGa::start();
-    let agent = qmp_blocking::connect_guest_agent(qga.socket(), Options::new()).unwrap();
+    let agent = qmp_blocking::connect_guest_agent(qga.socket(), options()).unwrap();
     for _ in 0..50 {
         assert_eq!(agent.execute("guest-ping", ()).unwrap(), json!({}));
     }
