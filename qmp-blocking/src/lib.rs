@@ -420,7 +420,9 @@ impl Client {
     /// waits: replies reach the future with no other thread woken. The way to keep many
     /// commands in flight from one thread (see the crate docs); any future works, this
     /// connection's calls gain. If another call is already driving the connection, this is
-    /// [`crate::block_on`].
+    /// [`crate::block_on`]. Blocking inside `future` through this crate (a blocking call, a
+    /// subscription's `recv`) hands the connection back to its thread meanwhile; blocking some
+    /// other way (a sleep, a lock, a channel) leaves it undriven until the future returns.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), qmp_blocking::Error> {
