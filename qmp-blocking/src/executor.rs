@@ -134,15 +134,11 @@ impl Poller {
             PollFd::new(&self.lead_rx, PollFlags::IN),
             PollFd::new(&self.fd, flags),
         ];
-        let n = match (lead, socket.is_some()) {
-            (false, false) => 1,
-            (false, true) => {
-                fds.swap(1, 2);
-                2
-            }
-            (true, false) => 2,
-            (true, true) => 3,
-        };
+        let mut n = if lead { 2 } else { 1 };
+        if socket.is_some() {
+            fds[n] = PollFd::new(&self.fd, flags);
+            n += 1;
+        }
         if lead {
             // Either the waker sees this flag and writes the pipe, or this sees its wake.
             shared.lead_sleeping.store(true, Ordering::SeqCst);
@@ -157,13 +153,13 @@ impl Poller {
         let mut drain = [0u8; 64];
         if lead {
             shared.lead_sleeping.store(false, Ordering::SeqCst);
-            while matches!((&self.lead_rx).read(&mut drain), Ok(n) if n > 0) {}
+            while let Ok(1..) = (&self.lead_rx).read(&mut drain) {}
         }
         // Drain before clearing the flag: a wake in between then finds the flag still set and
         // writes nothing, but the task is polled next anyway. The other order could eat the
         // byte of a wake that set the flag, leaving the flag set and every later wake silent.
-        while let Ok(n @ 1..) = (&self.wake_rx).read(&mut drain) {
-            woken |= n > 0;
+        while let Ok(1..) = (&self.wake_rx).read(&mut drain) {
+            woken = true;
         }
         // SeqCst: the task is polled after this, and a waker must either see the flag clear and
         // write, or have written before the drain.
@@ -755,6 +751,19 @@ struct Lead<'a> {
     held: Rc<Cell<bool>>,
 }
 
+impl<'a> Lead<'a> {
+    /// Takes the lead of `shared`'s connection if nobody has it, and notes it in [`LEADING`].
+    fn take(shared: &'a Arc<Shared>) -> Option<Self> {
+        shared
+            .leader
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()?;
+        let held = Rc::new(Cell::new(true));
+        LEADING.with(|l| l.borrow_mut().push((Arc::clone(shared), Rc::clone(&held))));
+        Some(Self { shared, held })
+    }
+}
+
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
         LEADING.with(|l| l.borrow_mut().pop());
@@ -782,7 +791,7 @@ thread_local! {
 /// threads: otherwise nobody would read them, nor write other threads' commands, until it
 /// returns. Dropped, it takes the leads back, unless another thread has taken one meanwhile;
 /// that lead's loop then finishes as [`block_on`].
-struct Suspended(Vec<(Arc<Shared>, Rc<Cell<bool>>, bool)>);
+struct Suspended(Vec<(Led, bool)>);
 
 impl Suspended {
     fn leads() -> Self {
@@ -795,7 +804,7 @@ impl Suspended {
                     let assisting = shared.assisting.swap(false, Ordering::SeqCst);
                     shared.leader.store(false, Ordering::SeqCst);
                     shared.wake();
-                    (Arc::clone(shared), Rc::clone(held), assisting)
+                    ((Arc::clone(shared), Rc::clone(held)), assisting)
                 })
                 .collect()
         }))
@@ -804,7 +813,7 @@ impl Suspended {
 
 impl Drop for Suspended {
     fn drop(&mut self) {
-        for (shared, held, assisting) in self.0.drain(..) {
+        for ((shared, held), assisting) in self.0.drain(..) {
             if shared
                 .leader
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
@@ -840,18 +849,9 @@ fn lead_or_park<F: Future>(shared: &Arc<Shared>, future: Pin<&mut F>, lead: bool
     let _suspended = Suspended::leads();
     if lead
         && let Some(poller) = shared.poller()
-        && shared
-            .leader
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        && let Some(lead) = Lead::take(shared)
     {
-        let held = Rc::new(Cell::new(true));
-        LEADING.with(|l| l.borrow_mut().push((Arc::clone(shared), Rc::clone(&held))));
-        let _lead = Lead {
-            shared,
-            held: Rc::clone(&held),
-        };
-        return shared.lead(future, &poller, &held);
+        return shared.lead(future, &poller, &lead.held);
     }
     block_on(future)
 }

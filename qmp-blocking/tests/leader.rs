@@ -291,9 +291,7 @@ fn leading_calls_against_real_qemu_and_qemu_ga() {
 fn blocking_calls_nested_in_block_on_do_not_deadlock() {
     let server = FakeServer::start(|c| {
         c.handshake();
-        while let Some(r) = c.recv() {
-            c.reply(&r.command, r.arguments()["echo"].clone());
-        }
+        c.serve_echo();
     });
     let options = || Options::new().timeout(Duration::from_secs(10));
     let client = qmp_blocking::connect(server.path(), options()).unwrap();
@@ -338,9 +336,7 @@ fn blocking_calls_nested_in_block_on_do_not_deadlock() {
 fn a_panic_inside_block_on_leaves_the_connection_working() {
     let server = FakeServer::start(|c| {
         c.handshake();
-        while let Some(r) = c.recv() {
-            c.reply(&r.command, r.arguments()["echo"].clone());
-        }
+        c.serve_echo();
     });
     let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

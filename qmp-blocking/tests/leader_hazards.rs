@@ -3,10 +3,11 @@
 //! leads, blocking calls made from inside `Client::block_on`, and a lead outliving its
 //! connection. Each test failed (hung, or was late) before the fix it names.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use qmp_blocking::{EventFilter, Options};
+use qmp_blocking::{Client, EventFilter, Options};
 use qmp_testkit::FakeServer;
 use serde_json::json;
 
@@ -106,12 +107,12 @@ fn a_lead_outliving_its_connection_does_not_spin() {
         // Something unrelated that takes a while (a subscription to another connection, a
         // channel...): here a wait_for on a closed connection would end at once, so use a
         // thread-based timer.
-        let (tx, rx) = futures_channel_like();
+        let (tx, rx) = futures_channel::oneshot::channel::<()>();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(1));
-            tx();
+            let _ = tx.send(());
         });
-        rx.await;
+        let _ = rx.await;
     });
     let cpu = cpu_time() - cpu0;
     eprintln!("wall {:?} cpu {:?}", t0.elapsed(), cpu);
@@ -122,28 +123,68 @@ fn a_lead_outliving_its_connection_does_not_spin() {
     );
 }
 
-fn futures_channel_like() -> (impl FnOnce() + Send, impl Future<Output = ()>) {
-    use std::sync::{Arc, Mutex};
-    use std::task::{Poll, Waker};
-    let st: Arc<Mutex<(bool, Option<Waker>)>> = Arc::new(Mutex::new((false, None)));
-    let st2 = st.clone();
-    let fire = move || {
-        let mut g = st2.lock().unwrap();
-        g.0 = true;
-        if let Some(w) = g.1.take() {
-            w.wake();
-        }
+/// For `STRESS_SECS` seconds (default 4): one thread leads `client`, in rounds of
+/// `Client::block_on` waiting `round` for an event that never comes, while `workers` threads
+/// (`WORKERS` overrides) run `call` on `worker` in a loop. Returns how many calls took longer than
+/// `slow`.
+fn slow_calls_while_a_block_on_leads(
+    client: &Client,
+    round: Duration,
+    worker: &Client,
+    workers: usize,
+    slow: Duration,
+    call: fn(&Client),
+) -> usize {
+    fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+        std::env::var(name).ok().and_then(|s| s.parse().ok())
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let leader = {
+        let c = client.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = c.block_on(c.as_async().wait_for(EventFilter::name("NEVER"), round));
+                n += 1;
+            }
+            n
+        })
     };
-    let fut = std::future::poll_fn(move |cx| {
-        let mut g = st.lock().unwrap();
-        if g.0 {
-            Poll::Ready(())
-        } else {
-            g.1 = Some(cx.waker().clone());
-            Poll::Pending
-        }
-    });
-    (fire, fut)
+    std::thread::sleep(Duration::from_millis(50));
+    let workers: Vec<_> = (0..env("WORKERS").unwrap_or(workers))
+        .map(|_| {
+            let c = worker.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut worst = Duration::ZERO;
+                let mut slow_calls = 0;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    call(&c);
+                    let e = t.elapsed();
+                    if e > slow {
+                        eprintln!("slow call: {e:?}");
+                        slow_calls += 1;
+                    }
+                    worst = worst.max(e);
+                    n += 1;
+                }
+                (n, slow_calls, worst)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(env("STRESS_SECS").unwrap_or(4)));
+    stop.store(true, Ordering::Relaxed);
+    let mut total_slow = 0;
+    for w in workers {
+        let (n, slow_calls, worst) = w.join().unwrap();
+        eprintln!("calls {n}, slower than {slow:?}: {slow_calls}, worst {worst:?}");
+        total_slow += slow_calls;
+    }
+    eprintln!("leader rounds {}", leader.join().unwrap());
+    total_slow
 }
 
 /// One thread leads (Client::block_on of a 300 ms wait); others make calls that the leader must
@@ -152,67 +193,18 @@ fn futures_channel_like() -> (impl FnOnce() + Send, impl Future<Output = ()>) {
 fn calls_from_other_threads_while_a_block_on_leads_are_not_delayed() {
     let server = FakeServer::start(|c| {
         c.handshake();
-        while let Some(r) = c.recv() {
-            c.reply(&r.command, json!({}));
-        }
+        c.serve_forever();
     });
     let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let secs: u64 = std::env::var("STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    let leader = {
-        let c = client.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = c.block_on(
-                    c.as_async()
-                        .wait_for(EventFilter::name("NEVER"), Duration::from_millis(300)),
-                );
-                n += 1;
-            }
-            n
-        })
-    };
-    let workers: Vec<_> = (0..std::env::var("WORKERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3))
-        .map(|_| {
-            let c = client.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut worst = Duration::ZERO;
-                let mut slow = 0;
-                let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let t = Instant::now();
-                    c.execute("b", ()).unwrap();
-                    let e = t.elapsed();
-                    if e > Duration::from_millis(100) {
-                        eprintln!("slow call: {e:?}");
-                        slow += 1;
-                    }
-                    worst = worst.max(e);
-                    n += 1;
-                }
-                (n, slow, worst)
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut total_slow = 0;
-    for w in workers {
-        let (n, slow, worst) = w.join().unwrap();
-        eprintln!("calls {n} slow(>100ms) {slow} worst {worst:?}");
-        total_slow += slow;
-    }
-    eprintln!("leader rounds {}", leader.join().unwrap());
-    assert_eq!(total_slow, 0);
+    let slow = slow_calls_while_a_block_on_leads(
+        &client,
+        Duration::from_millis(300),
+        &client,
+        3,
+        Duration::from_millis(100),
+        |c| drop(c.execute("b", ()).unwrap()),
+    );
+    assert_eq!(slow, 0);
 }
 
 /// As above, but the other calls time out (the server never answers them): their deadline is kept
@@ -225,67 +217,19 @@ fn deadlines_of_other_threads_calls_are_kept_while_a_block_on_leads() {
         while let Some(_r) = c.recv() {}
     });
     let client = qmp_blocking::connect(server.path(), Options::new()).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let secs: u64 = std::env::var("STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    let leader = {
-        let c = client.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = c.block_on(
-                    c.as_async()
-                        .wait_for(EventFilter::name("NEVER"), Duration::from_millis(500)),
-                );
-                n += 1;
-            }
-            n
-        })
-    };
-    std::thread::sleep(Duration::from_millis(50));
-    let workers: Vec<_> = (0..std::env::var("WORKERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1))
-        .map(|_| {
-            let c = client.with_timeout(Duration::from_millis(20));
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut worst = Duration::ZERO;
-                let mut slow = 0;
-                let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let t = Instant::now();
-                    assert!(c.execute("b", ()).is_err());
-                    let e = t.elapsed();
-                    if e > Duration::from_millis(150) {
-                        eprintln!("slow timeout: {e:?}");
-                        slow += 1;
-                    }
-                    worst = worst.max(e);
-                    n += 1;
-                }
-                (n, slow, worst)
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut total_slow = 0;
-    for w in workers {
-        let (n, slow, worst) = w.join().unwrap();
-        eprintln!("calls {n} slow(>150ms) {slow} worst {worst:?}");
-        total_slow += slow;
-    }
-    eprintln!("leader rounds {}", leader.join().unwrap());
-    assert_eq!(total_slow, 0);
+    let slow = slow_calls_while_a_block_on_leads(
+        &client,
+        Duration::from_millis(500),
+        &client.with_timeout(Duration::from_millis(20)),
+        1,
+        Duration::from_millis(150),
+        |c| assert!(c.execute("b", ()).is_err()),
+    );
+    assert_eq!(slow, 0);
 }
 
 /// Thread 1 is inside `Client::block_on` on connection A, blocked in a slow call on connection B
-/// (the "blocking call in async code" mistake the commit tolerates). Thread 2's ordinary call on A
+/// (the "blocking call in async code" mistake the crate tolerates). Thread 2's ordinary call on A
 /// should not have to wait for it.
 #[test]
 fn blocking_elsewhere_inside_block_on_does_not_starve_other_threads() {
@@ -320,7 +264,7 @@ fn crosswise_blocking_calls_inside_block_on_do_not_deadlock() {
     let server = echo_server();
     let a = qmp_blocking::connect(server.path(), Options::new()).unwrap();
     let b = qmp_blocking::connect(server.path(), Options::new()).unwrap();
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let barrier = Arc::new(std::sync::Barrier::new(2));
     let got = within(Duration::from_secs(5), move || {
         let t1 = {
             let (a, b, barrier) = (a.clone(), b.clone(), barrier.clone());

@@ -374,6 +374,15 @@ impl ServerConn {
         }
     }
 
+    /// Serves until the client hangs up, answering every command with its `echo` argument
+    /// (`null` without one), so a test can tell each reply's command.
+    pub fn serve_echo(&mut self) {
+        while let Some(r) = self.recv() {
+            let echo = r.arguments()["echo"].clone();
+            self.reply(&r.command, echo);
+        }
+    }
+
     /// Closes the connection (both directions).
     pub fn close(&mut self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
