@@ -12,6 +12,7 @@
 //! | [`splitter_differential`] | generated JSON values rendered compact, pretty and QEMU style (CRLF) with junk between them: every object the splitter accepts is byte for byte the one rendered and parses to the same value with `serde_json`; nothing is lost or invented |
 //! | [`connection_bytes`] | a connection past a real greeting fed arbitrary bytes: no panic, bounded input buffer and output queue, exactly one outcome per request, `Closed` once and last |
 //! | [`agent_ops`] | a guest-agent connection under operation sequences (sends, no-reply commands, deadlines, cancels, resyncs, sync replies current and stale, replies with and without ids, arbitrary bytes, EOF): the outcome checks above, one command in flight at most, resyncs well formed |
+//! | [`members_scan`] | any text: the core's fast scanner for messages accepts only what `serde_json` accepts, and finds the same top-level members |
 //! | [`connection_ops`] | operation sequences (sends, cancels, deadlines, a scripted server's replies in any order, id-less errors, junk, partial writes, EOF, close) checked against a reference model of the pending table |
 //!
 //! The inputs are read with [`arbitrary`]: a fixed header first, then the rest (bytes for the
@@ -34,13 +35,23 @@ pub use conn::connection_bytes;
 pub use ops::connection_ops;
 pub use splitter::{splitter_chunks, splitter_differential};
 
+/// Any text, usually a mutated QEMU message: the core's fast scanner for messages must accept only
+/// what `serde_json` accepts, and find the same top-level members (the last of repeated names,
+/// values as their exact text). The check itself lives in the core (`qmp_proto::fuzzing`), which
+/// also runs it on every message when built for fuzzing, so the connection targets check it on
+/// the messages they deliver too.
+pub fn members_scan(data: &[u8]) {
+    qmp_proto::fuzzing::check_members_scan(&String::from_utf8_lossy(data));
+}
+
 /// Names of the targets, as in `fuzz_targets/` and `seeds/`.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "splitter_chunks",
     "splitter_differential",
     "connection_bytes",
     "connection_ops",
     "agent_ops",
+    "members_scan",
 ];
 
 /// Runs the target called `name` on `data`. Panics on an unknown name.
@@ -51,6 +62,7 @@ pub fn run(name: &str, data: &[u8]) {
         "connection_bytes" => connection_bytes(data),
         "connection_ops" => connection_ops(data),
         "agent_ops" => agent_ops(data),
+        "members_scan" => members_scan(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }

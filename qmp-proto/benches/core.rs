@@ -226,6 +226,59 @@ fn lines(stream: &[u8]) -> Vec<&[u8]> {
         .collect()
 }
 
+/// What floodsrv answers to `query-version`.
+const VERSION_JSON: &str = r#"{"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}"#;
+
+/// Commands in flight per batch, as in the harness's pipeline workload.
+const WINDOW: u64 = 32;
+
+/// The replies to one batch, as floodsrv writes them. The core gives each command the smallest
+/// free id on the wire, so every batch is answered with ids 1 to `WINDOW`.
+fn pipeline_replies() -> Vec<u8> {
+    let mut replies = String::new();
+    for wire in 1..=WINDOW {
+        let _ = write!(
+            replies,
+            "{{\"return\": {VERSION_JSON}, \"id\": {wire}}}\r\n"
+        );
+    }
+    replies.into_bytes()
+}
+
+/// One pipelining batch: sends `WINDOW` `query-version` commands, drains what is to be written,
+/// feeds their replies in one chunk (as one socket read would deliver them) and takes the
+/// responses. Returns the number of responses.
+fn pipeline_batch(conn: &mut Connection, replies: &[u8], decode_value: bool) -> u64 {
+    for wire in 1..=WINDOW {
+        let mut command = Command::new("query-version");
+        if decode_value {
+            command = command.decode_value();
+        }
+        let id = conn.send(command).expect("send");
+        debug_assert_eq!(conn.wire_id(id), Some(wire));
+    }
+    while let Some(t) = conn.poll_transmit() {
+        let n = black_box(t.data).len();
+        conn.advance_transmit(n);
+    }
+    conn.handle_input(replies);
+    let mut got = 0;
+    while let Some(out) = conn.poll_output() {
+        match out {
+            Output::Response { result, .. } => {
+                black_box(result.expect("a return value").get().len());
+                got += 1;
+            }
+            Output::Value { value, .. } => {
+                black_box(&value);
+                got += 1;
+            }
+            other => panic!("unexpected output {other:?}"),
+        }
+    }
+    got
+}
+
 fn benches(c: &mut Criterion) {
     let (events, n_events) = event_stream();
     let big = big_reply();
@@ -272,6 +325,32 @@ fn benches(c: &mut Criterion) {
     g.bench_function("floor_value_per_line", |b| {
         b.iter(|| {
             for line in &lines {
+                let v: Value = serde_json::from_slice(black_box(line)).expect("valid JSON");
+                black_box(&v);
+            }
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("pipeline_32");
+    g.throughput(Throughput::Elements(WINDOW));
+    let batch = pipeline_replies();
+    let mut conn = ready_connection();
+    let id = conn.send(Command::new("query-version")).expect("send");
+    assert_eq!(conn.wire_id(id), Some(1), "the first command's wire id");
+    let mut conn = ready_connection();
+    assert_eq!(pipeline_batch(&mut conn, &batch, false), WINDOW);
+    assert_eq!(pipeline_batch(&mut conn, &batch, true), WINDOW);
+    let lines_32 = crate::lines(&batch);
+    g.bench_function("core", |b| {
+        b.iter(|| pipeline_batch(&mut conn, black_box(&batch), false))
+    });
+    g.bench_function("core_value", |b| {
+        b.iter(|| pipeline_batch(&mut conn, black_box(&batch), true))
+    });
+    g.bench_function("floor_value_per_line", |b| {
+        b.iter(|| {
+            for line in &lines_32 {
                 let v: Value = serde_json::from_slice(black_box(line)).expect("valid JSON");
                 black_box(&v);
             }

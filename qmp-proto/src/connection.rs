@@ -4,8 +4,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::Instant;
 
-use serde_json::value::RawValue;
-
 use crate::agent::{Agent, NO_SUCCESS_RESPONSE, SENTINEL};
 use crate::command::{Command, RequestId, end_with_id, id_tail_len};
 use crate::config::Config;
@@ -540,6 +538,13 @@ impl Connection {
                 s.paused = true;
                 return;
             }
+            if let Some((len, frame, spans)) = fast_message(&self.splitter) {
+                s.stats.messages += 1;
+                let m = spans.members(frame);
+                s.on_members(frame.as_bytes(), m);
+                self.splitter.take_unscanned(len);
+                continue;
+            }
             match self.splitter.next_frame() {
                 Some(Ok(frame)) => s.on_message(frame),
                 Some(Err(e)) => s.on_frame_error(e),
@@ -552,6 +557,26 @@ impl Connection {
             }
         }
     }
+}
+
+/// The next message straight from the splitter's unscanned bytes, found and validated in one pass
+/// by the fast scanner: its length with the whitespace before it, its text, and where its members
+/// are. `None` leaves it to the splitter and `serde_json` (anything unusual, incomplete, over a
+/// limit, or not UTF-8), which then give the same frames they would have anyway.
+fn fast_message(splitter: &JsonSplitter) -> Option<(usize, &str, crate::scan::Spans)> {
+    let bytes = splitter.unscanned();
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))?;
+    let (max_size, max_depth) = splitter.limits();
+    let (len, spans) = crate::scan::object(&bytes[start..], max_depth - 1)?;
+    if len > max_size {
+        return None;
+    }
+    let frame = std::str::from_utf8(&bytes[start..start + len]).ok()?;
+    #[cfg(feature = "fuzzing")]
+    crate::scan::check(frame, &spans.members(frame));
+    Some((start + len, frame, spans))
 }
 
 impl Session {
@@ -624,10 +649,14 @@ impl Session {
                 return self.malformed(MalformedKind::InvalidJson { reason }, frame);
             }
         };
+        self.on_members(frame, m);
+    }
+
+    fn on_members(&mut self, frame: &[u8], m: Members<'_>) {
         if let Some(agent) = &self.agent
             && agent.syncing.is_some()
         {
-            if m.error.is_none() && m.ret.is_some_and(|r| agent.is_sync_reply(r.get())) {
+            if m.error.is_none() && m.ret.is_some_and(|r| agent.is_sync_reply(r)) {
                 return self.sync_done();
             }
             // A late reply to something given up, a stale sync reply, the agent's complaint
@@ -665,7 +694,7 @@ impl Session {
         self.malformed(MalformedKind::Unclassifiable, frame);
     }
 
-    fn on_greeting(&mut self, qmp: &RawValue, frame: &[u8]) {
+    fn on_greeting(&mut self, qmp: &str, frame: &[u8]) {
         if self.state != State::AwaitingGreeting {
             return self.malformed(MalformedKind::UnexpectedGreeting, frame);
         }
@@ -711,7 +740,7 @@ impl Session {
         self.pump();
     }
 
-    fn on_response(&mut self, m: &Members<'_>, result: Result<&RawValue, QmpError>) {
+    fn on_response(&mut self, m: &Members<'_>, result: Result<&str, QmpError>) {
         if self.state == State::Negotiating && m.numeric_id() == Some(NEGOTIATION_ID) {
             return match result {
                 Ok(_) => {
@@ -771,7 +800,7 @@ impl Session {
 
     /// Completes a written request with the response that arrived for it (dropped if abandoned),
     /// freeing its window slot.
-    fn finish(&mut self, id: u64, result: Result<&RawValue, CommandError>) {
+    fn finish(&mut self, id: u64, result: Result<&str, CommandError>) {
         let Some(e) = self.remove(id) else {
             return;
         };
@@ -788,7 +817,7 @@ impl Session {
             let id = RequestId(id);
             // Straight from the input buffer, while it is still borrowed: no copy of the text.
             let value = match result {
-                Ok(raw) if e.value => serde_json::from_str(raw.get()).ok(),
+                Ok(raw) if e.value => serde_json::from_str(raw).ok(),
                 _ => None,
             };
             self.output(match value {

@@ -218,6 +218,29 @@ impl JsonSplitter {
         self.buf.len() - self.keep_from
     }
 
+    /// The bytes not yet scanned, when the splitter is between values with no junk pending: a
+    /// caller with a faster parser may take the next message from here itself, with
+    /// [`take_unscanned`](Self::take_unscanned). Empty otherwise.
+    pub(crate) fn unscanned(&self) -> &[u8] {
+        if self.mode == Mode::Between && self.junk_len == 0 {
+            &self.buf[self.scan..]
+        } else {
+            &[]
+        }
+    }
+
+    /// Marks the first `len` bytes of [`unscanned`](Self::unscanned) as consumed: whitespace and
+    /// one complete object within the limits, exactly what `next_frame` would have returned.
+    pub(crate) fn take_unscanned(&mut self, len: usize) {
+        self.scan += len;
+        self.keep_from = self.scan;
+    }
+
+    /// The limits: largest message, deepest nesting.
+    pub(crate) fn limits(&self) -> (usize, usize) {
+        (self.max_size, self.max_depth)
+    }
+
     /// True when the stream is between values with nothing buffered: an EOF here is clean.
     pub fn is_idle(&self) -> bool {
         self.mode == Mode::Between && self.junk_len == 0 && self.scan == self.buf.len()
@@ -542,14 +565,14 @@ enum Step {
     NeedMore,
 }
 
-const fn byte_mask(b: u8) -> u64 {
+pub(crate) const fn byte_mask(b: u8) -> u64 {
     0x0101_0101_0101_0101 * b as u64
 }
 
 /// High bit set in each byte of `w` that equals `b` (exact for the lowest match, which is all the
 /// callers use).
 #[inline(always)]
-fn match_byte(w: u64, b: u8) -> u64 {
+pub(crate) fn match_byte(w: u64, b: u8) -> u64 {
     let x = w ^ byte_mask(b);
     x.wrapping_sub(byte_mask(1)) & !x & byte_mask(0x80)
 }

@@ -82,6 +82,7 @@ mod error;
 pub mod framing;
 mod ids;
 mod message;
+mod scan;
 mod transmit;
 mod wire;
 
@@ -97,3 +98,14 @@ pub use error::{
 };
 pub use message::{Event, Greeting, QmpError, RawJson, Timestamp, Unmatched, Version};
 pub use transmit::Transmit;
+
+/// Internals for the fuzz targets (the `fuzzing` feature); not part of the API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Panics unless `serde_json` accepts every message the core's fast scanner accepts, with the
+    /// same top-level members. Returns whether the scanner took `text` (else `serde_json` decides).
+    pub fn check_members_scan(text: &str) -> bool {
+        crate::scan::agrees(text)
+    }
+}

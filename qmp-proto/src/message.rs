@@ -22,36 +22,38 @@ use serde_json::value::RawValue;
 /// assert_eq!(raw.to_value().unwrap()["status"], "running");
 /// ```
 #[derive(Clone)]
-pub struct RawJson(Box<RawValue>);
+pub struct RawJson(Box<str>);
 
 impl RawJson {
     /// Validates `json` and keeps it as it is.
     pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
-        RawValue::from_string(json.to_owned()).map(Self)
+        serde_json::from_str::<&RawValue>(json)?;
+        Ok(Self(json.into()))
     }
 
-    pub(crate) fn from_raw(raw: &RawValue) -> Self {
-        Self(raw.to_owned())
+    /// Keeps `json`, which the caller has validated.
+    pub(crate) fn from_raw(json: &str) -> Self {
+        Self(json.into())
     }
 
     /// The JSON text, exactly as received (whitespace included for `pretty=on` monitors).
     pub fn get(&self) -> &str {
-        self.0.get()
+        &self.0
     }
 
     /// Builds a [`Value`]. Fails only on numbers `serde_json` cannot represent (such as `1e400`).
     pub fn to_value(&self) -> Result<Value, serde_json::Error> {
-        serde_json::from_str(self.0.get())
+        serde_json::from_str(&self.0)
     }
 
     /// Deserializes straight from the text into `T`.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_str(self.0.get())
+        serde_json::from_str(&self.0)
     }
 
-    /// The underlying [`RawValue`].
-    pub fn into_raw(self) -> Box<RawValue> {
-        self.0
+    /// The JSON text, owned.
+    pub fn into_string(self) -> String {
+        self.0.into()
     }
 }
 
@@ -92,7 +94,7 @@ impl Greeting {
         self.capabilities.iter().any(|c| c == capability)
     }
 
-    pub(crate) fn parse(raw: &RawValue) -> Option<Self> {
+    pub(crate) fn parse(raw: &str) -> Option<Self> {
         #[derive(Deserialize)]
         struct Wire {
             version: VersionWire,
@@ -110,7 +112,7 @@ impl Greeting {
             minor: u64,
             micro: u64,
         }
-        let wire: Wire = serde_json::from_str(raw.get()).ok()?;
+        let wire: Wire = serde_json::from_str(raw).ok()?;
         Some(Self {
             version: Version {
                 major: wire.version.qemu.major,
@@ -195,8 +197,8 @@ impl Timestamp {
         microseconds: -1,
     };
 
-    pub(crate) fn parse(raw: Option<&RawValue>) -> Self {
-        raw.and_then(|r| serde_json::from_str(r.get()).ok())
+    pub(crate) fn parse(raw: Option<&str>) -> Self {
+        raw.and_then(|r| serde_json::from_str(r).ok())
             .unwrap_or(Self::UNKNOWN)
     }
 }
@@ -226,7 +228,7 @@ impl QmpError {
 
     /// Reads an `error` member permissively: a response must still complete its request even if
     /// the error object is odd, so missing parts are left empty rather than invented.
-    pub(crate) fn parse(raw: &RawValue) -> Self {
+    pub(crate) fn parse(raw: &str) -> Self {
         #[derive(Deserialize)]
         struct Wire {
             #[serde(default)]
@@ -234,14 +236,14 @@ impl QmpError {
             #[serde(default)]
             desc: String,
         }
-        match serde_json::from_str::<Wire>(raw.get()) {
+        match serde_json::from_str::<Wire>(raw) {
             Ok(w) => Self {
                 class: w.class,
                 desc: w.desc,
             },
             Err(_) => Self {
                 class: String::new(),
-                desc: raw.get().to_owned(),
+                desc: raw.to_owned(),
             },
         }
     }

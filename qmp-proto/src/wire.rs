@@ -1,4 +1,4 @@
-//! One pass over an incoming message that finds its top-level members without building them.
+//! Finding the top-level members of an incoming message without building them.
 
 use std::fmt;
 
@@ -6,27 +6,38 @@ use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-/// The top-level members of a message that matter, as unparsed JSON. Unknown members are skipped.
-#[derive(Default)]
+/// The top-level members of a message that matter, as the text of valid JSON values. Unknown
+/// members are skipped.
+#[derive(Default, Debug, PartialEq)]
 pub(crate) struct Members<'a> {
-    pub(crate) qmp: Option<&'a RawValue>,
-    pub(crate) ret: Option<&'a RawValue>,
-    pub(crate) error: Option<&'a RawValue>,
-    pub(crate) id: Option<&'a RawValue>,
-    pub(crate) event: Option<&'a RawValue>,
-    pub(crate) data: Option<&'a RawValue>,
-    pub(crate) timestamp: Option<&'a RawValue>,
+    pub(crate) qmp: Option<&'a str>,
+    pub(crate) ret: Option<&'a str>,
+    pub(crate) error: Option<&'a str>,
+    pub(crate) id: Option<&'a str>,
+    pub(crate) event: Option<&'a str>,
+    pub(crate) data: Option<&'a str>,
+    pub(crate) timestamp: Option<&'a str>,
 }
 
 impl<'a> Members<'a> {
-    /// Parses one message. The text must be exactly one JSON object (the splitter's frames are).
+    /// Parses one message: with the fast scanner when it can, else with `serde_json`.
     pub(crate) fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
+        #[cfg(feature = "fuzzing")]
+        crate::scan::agrees(text);
+        match crate::scan::members(text) {
+            Some(m) => Ok(m),
+            None => Self::parse_with_serde(text),
+        }
+    }
+
+    /// Parses one message with `serde_json`, which decides whatever the scanner leaves to it.
+    pub(crate) fn parse_with_serde(text: &'a str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(text)
     }
 
     /// The id as one of ours: a plain non-negative integer, as we send them.
     pub(crate) fn numeric_id(&self) -> Option<u64> {
-        let text = self.id?.get();
+        let text = self.id?;
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
@@ -82,7 +93,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
                             continue;
                         }
                     };
-                    *slot = Some(map.next_value()?);
+                    *slot = Some(map.next_value::<&RawValue>()?.get());
                 }
                 Ok(m)
             }
@@ -92,6 +103,6 @@ impl<'de> Deserialize<'de> for Members<'de> {
 }
 
 /// Reads a JSON string member, unescaping it.
-pub(crate) fn string(raw: &RawValue) -> Option<String> {
-    serde_json::from_str::<String>(raw.get()).ok()
+pub(crate) fn string(raw: &str) -> Option<String> {
+    serde_json::from_str::<String>(raw).ok()
 }
