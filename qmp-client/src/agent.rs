@@ -12,8 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::calls::Request;
 use crate::client::{Client, Options, Runtime, State, race};
-use crate::driver::{Request, Timer, Transport};
+use crate::driver::{Timer, Transport};
 use crate::error::{Disconnect, Error};
 
 /// A client of a QEMU guest agent (`qemu-ga`, reached through a VM's virtio-serial chardev).
@@ -166,10 +167,9 @@ impl GuestAgent {
     pub async fn resync(&self) -> Result<(), Error> {
         let (done, finished) = oneshot::channel();
         let closed = || Error::Disconnected(self.client.shared.disconnect_reason());
-        self.client
-            .tx
-            .unbounded_send(Request::Resync { done })
-            .map_err(|_| closed())?;
+        if !self.client.shared.calls.request(Request::Resync { done }) {
+            return Err(closed());
+        }
         let finished = async { finished.await.map_err(|_| closed()) };
         match self.client.timeout {
             None => finished.await,

@@ -10,14 +10,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use futures_channel::{mpsc, oneshot};
+use futures_channel::oneshot;
 use qmp_proto::{Command, Config, Connection, Event, Greeting, RawJson};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::driver::{Answer, Driver, Request, Timer, Transport};
+use crate::calls::{Call, Calls, Request};
+use crate::driver::{Answer, Driver, Timer, Transport};
 use crate::error::{Disconnect, Error};
 use crate::events::{EventFilter, Hub, Subscription};
 
@@ -163,6 +164,7 @@ pub enum State {
 
 /// State shared by the handles, the subscriptions and the driver of one connection.
 pub(crate) struct Shared {
+    pub(crate) calls: Calls,
     pub(crate) hub: Hub,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) oob: AtomicBool,
@@ -209,8 +211,9 @@ impl Shared {
 /// Get one from an adapter: `qmp_tokio::connect`, `qmp_async_std::connect`, ...
 #[derive(Clone)]
 pub struct Client {
-    pub(crate) tx: mpsc::UnboundedSender<Request>,
     pub(crate) shared: Arc<Shared>,
+    /// Shared by the clones: when the last is dropped, the connection closes.
+    _handle: Arc<Handle>,
     /// `None` only inside a [`GuestAgent`](crate::GuestAgent), which never exposes it.
     greeting: Option<Arc<Greeting>>,
     pub(crate) timeout: Option<Duration>,
@@ -224,6 +227,16 @@ impl fmt::Debug for Client {
             .field("timeout", &self.timeout)
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
+    }
+}
+
+/// Lives as long as some clone of a [`Client`] does; the last one tells the connection's task to
+/// close. (Subscriptions keep [`Shared`] alive, but not the connection.)
+struct Handle(Arc<Shared>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.calls.orphan();
     }
 }
 
@@ -259,9 +272,9 @@ impl Client {
         runtime: Arc<dyn Runtime>,
         conn: Connection,
     ) -> Result<Self, Error> {
-        let (tx, rx) = mpsc::unbounded();
         let (ready_tx, ready_rx) = oneshot::channel();
         let shared = Arc::new(Shared {
+            calls: Calls::default(),
             hub: Hub::default(),
             runtime: Arc::clone(&runtime),
             oob: AtomicBool::new(false),
@@ -274,20 +287,21 @@ impl Client {
             Some(name) => tracing::debug_span!("qmp", name = %name),
             None => tracing::debug_span!("qmp"),
         };
-        let driver = Driver::new(conn, io, timer, rx, Arc::clone(&shared), ready_tx);
+        let handle = Arc::new(Handle(Arc::clone(&shared)));
+        let driver = Driver::new(conn, io, timer, Arc::clone(&shared), ready_tx);
         let task: BoxFuture = Box::pin(driver.run().instrument(span));
         match &options.spawner {
             Some(spawn) => spawn(task),
             None => runtime.spawn(task),
         }
-        // Dropping `tx` on timeout or error ends the driver and closes the socket.
+        // Dropping `handle` on timeout or error ends the driver and closes the socket.
         match race(ready_rx, runtime.sleep(options.connect_timeout)).await {
             None => Err(Error::Timeout),
             Some(Err(oneshot::Canceled)) => Err(Error::Disconnected(shared.disconnect_reason())),
             Some(Ok(Err(e))) => Err(e),
             Some(Ok(Ok(greeting))) => Ok(Self {
-                tx,
                 shared,
+                _handle: handle,
                 greeting: greeting.map(Arc::new),
                 timeout: options.timeout,
             }),
@@ -411,15 +425,9 @@ impl Client {
         if let Some(timeout) = self.timeout {
             cmd = cmd.deadline(Instant::now() + timeout);
         }
-        // Dropping this future drops `response`; the driver notices (`is_canceled`) and forgets
-        // the request: never written if it was still queued, its response discarded otherwise.
-        let (reply, response) = oneshot::channel();
-        self.tx
-            .unbounded_send(Request::Execute { cmd, fds, reply })
-            .map_err(|_| Error::Disconnected(self.shared.disconnect_reason()))?;
-        response
-            .await
-            .unwrap_or_else(|_| Err(Error::Disconnected(self.shared.disconnect_reason())))
+        // Dropping the call gives it up; the driver forgets the request: never written if it was
+        // still queued, its response discarded otherwise.
+        Call::new(&self.shared, cmd, fds).await
     }
 
     // --- Events --------------------------------------------------------------------------------
@@ -543,7 +551,7 @@ impl Client {
     /// [`Disconnect::Local`], and subscriptions end. Every handle sees the connection closed.
     pub async fn disconnect(&self) {
         let (done, wait) = oneshot::channel();
-        if self.tx.unbounded_send(Request::Close { done }).is_ok() {
+        if self.shared.calls.request(Request::Close { done }) {
             let _ = wait.await;
         }
     }

@@ -1,21 +1,20 @@
 //! The task that owns a connection: the socket, the [`Connection`] state machine, and the table of
-//! callers waiting for responses. Callers talk to it through a channel, so none of them ever
-//! touches the socket: a dropped call can never leave half a command on the wire.
+//! callers waiting for responses. Callers hand it requests through [`Calls`](crate::calls::Calls), so none of them
+//! ever touches the socket: a dropped call can never leave half a command on the wire.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use futures_channel::{mpsc, oneshot};
-use futures_core::Stream;
-use qmp_proto::{Command, Connection, Greeting, Output, RawJson, RequestId, SendError};
+use futures_channel::oneshot;
+use qmp_proto::{Connection, Greeting, Output, RawJson, RequestId, SendError};
 use serde_json::Value;
 
+use crate::calls::Request;
 use crate::client::Shared;
 use crate::error::{Disconnect, Error};
 
@@ -52,22 +51,6 @@ pub trait Timer: Send + 'static {
     fn poll_at(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()>;
 }
 
-/// What a client handle asks of the driver.
-pub(crate) enum Request {
-    /// A caller that gives up drops its end of `reply`; see `Driver::reap_cancelled`.
-    Execute {
-        cmd: Command,
-        fds: Vec<OwnedFd>,
-        reply: Reply,
-    },
-    /// Close once what is already queued is written.
-    Close { done: oneshot::Sender<()> },
-    /// Guest agent: resync now; `done` fires when it has finished.
-    Resync { done: oneshot::Sender<()> },
-}
-
-pub(crate) type Reply = oneshot::Sender<Result<Answer, Error>>;
-
 /// A successful response, as the core delivered it.
 pub(crate) enum Answer {
     /// The return value's text.
@@ -95,7 +78,7 @@ impl Answer {
 /// Request ids are sequential, so a multiplicative hash spreads them well at a fraction of
 /// SipHash's cost (these maps are on every command's path).
 #[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -111,7 +94,7 @@ impl std::hash::Hasher for IdHasher {
     }
 }
 
-type IdMap<V> = HashMap<RequestId, V, std::hash::BuildHasherDefault<IdHasher>>;
+pub(crate) type IdMap<V> = HashMap<RequestId, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 impl<T, S> Drop for Driver<T, S> {
     fn drop(&mut self) {
@@ -136,9 +119,13 @@ pub(crate) struct Driver<T, S> {
     conn: Connection,
     io: T,
     timer: S,
-    rx: mpsc::UnboundedReceiver<Request>,
     shared: Arc<Shared>,
-    waiters: IdMap<Reply>,
+    /// Requests taken from the calls queue, being handled.
+    requests: Vec<Request>,
+    /// The slot of each request the connection has, by request.
+    waiters: IdMap<usize>,
+    /// Answers for the calls, delivered together once the outputs at hand are dispatched.
+    answers: Vec<(usize, Result<Answer, Error>)>,
     fds: IdMap<Vec<OwnedFd>>,
     buf: Box<[u8]>,
     ready: Option<oneshot::Sender<Result<Option<Greeting>, Error>>>,
@@ -165,7 +152,6 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         conn: Connection,
         io: T,
         timer: S,
-        rx: mpsc::UnboundedReceiver<Request>,
         shared: Arc<Shared>,
         ready: oneshot::Sender<Result<Option<Greeting>, Error>>,
     ) -> Self {
@@ -173,9 +159,10 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             conn,
             io,
             timer,
-            rx,
             shared,
+            requests: Vec::new(),
             waiters: IdMap::default(),
+            answers: Vec::new(),
             fds: IdMap::default(),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
             ready: Some(ready),
@@ -242,45 +229,41 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     }
 
     fn poll_requests(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut progress = false;
-        while !self.closing {
-            match Pin::new(&mut self.rx).poll_next(cx) {
-                Poll::Ready(Some(request)) => {
-                    self.handle(request);
-                    progress = true;
-                }
-                Poll::Ready(None) => {
-                    // Every handle is gone: nobody can send or wait any more.
-                    tracing::debug!("last client handle dropped; closing");
-                    self.start_closing();
-                    progress = true;
-                }
-                Poll::Pending => break,
-            }
+        if self.closing {
+            return false;
+        }
+        let mut requests = std::mem::take(&mut self.requests);
+        let orphaned = self.shared.calls.take(&mut requests, cx.waker());
+        let mut progress = !requests.is_empty();
+        for request in requests.drain(..) {
+            self.handle(request);
+        }
+        self.requests = requests;
+        if orphaned {
+            // Every handle is gone: nobody can send or wait any more.
+            tracing::debug!("last client handle dropped; closing");
+            self.start_closing();
+            progress = true;
         }
         progress
     }
 
     fn handle(&mut self, request: Request) {
         match request {
-            Request::Execute { cmd, fds, reply } => {
-                if reply.is_canceled() {
-                    return;
-                }
+            Request::Execute { cmd, fds, slot } => {
                 let cmd = if fds.is_empty() { cmd } else { cmd.with_fds() };
                 match self.conn.send(cmd) {
                     Ok(id) => {
-                        self.waiters.insert(id, reply);
+                        self.waiters.insert(id, slot);
                         if !fds.is_empty() {
                             self.fds.insert(id, fds);
                         }
                     }
                     Err(SendError::Closed) => {
-                        let _ = reply.send(Err(Error::Disconnected(self.reason())));
+                        let e = Error::Disconnected(self.reason());
+                        self.answers.push((slot, Err(e)));
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(Error::Send(e)));
-                    }
+                    Err(e) => self.answers.push((slot, Err(Error::Send(e)))),
                 }
             }
             Request::Close { done } => {
@@ -347,15 +330,10 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             return;
         }
         let (conn, fds) = (&mut self.conn, &mut self.fds);
-        self.waiters.retain(|&id, reply| {
-            if reply.is_canceled() {
-                conn.cancel(id);
-                if !conn.fds_needed(id) {
-                    fds.remove(&id);
-                }
-                false
-            } else {
-                true
+        self.shared.calls.reap(&mut self.waiters, |id| {
+            conn.cancel(id);
+            if !conn.fds_needed(id) {
+                fds.remove(&id);
             }
         });
     }
@@ -433,8 +411,8 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             // Timed out or failed before being written: QEMU will never see them.
             self.fds.remove(&id);
         }
-        if let Some(reply) = self.waiters.remove(&id) {
-            let _ = reply.send(result);
+        if let Some(slot) = self.waiters.remove(&id) {
+            self.answers.push((slot, result));
         }
     }
 
@@ -487,7 +465,8 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 _ => {}
             }
         }
-        // Subscribers waiting for events are woken once per batch of outputs, not per event.
+        // Callers and subscribers are woken once per batch of outputs.
+        self.shared.calls.answer(&mut self.answers);
         for waker in self.wakes.drain(..) {
             waker.wake();
         }
@@ -499,15 +478,9 @@ impl<T, S> Driver<T, S> {
     /// still waits, and release everything.
     fn finish(&mut self, reason: Disconnect) {
         self.finished = true;
-        self.rx.close();
-        while let Ok(request) = self.rx.try_recv() {
-            if let Request::Execute { reply, .. } = request {
-                let _ = reply.send(Err(Error::Disconnected(reason.clone())));
-            }
-        }
-        for (_, reply) in self.waiters.drain() {
-            let _ = reply.send(Err(Error::Disconnected(reason.clone())));
-        }
+        self.shared.calls.answer(&mut self.answers);
+        self.shared.calls.close(&reason);
+        self.waiters.clear();
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(Err(Error::Disconnected(reason.clone())));
         }

@@ -16,6 +16,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod agent;
+mod calls;
 mod client;
 mod driver;
 mod error;
