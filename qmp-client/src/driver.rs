@@ -407,7 +407,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     }
 
     fn answer(&mut self, id: RequestId, result: Result<Answer, Error>) {
-        if !self.conn.fds_needed(id) {
+        if !self.fds.is_empty() && !self.conn.fds_needed(id) {
             // Timed out or failed before being written: QEMU will never see them.
             self.fds.remove(&id);
         }

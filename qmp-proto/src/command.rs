@@ -113,6 +113,15 @@ impl Command {
         mut self,
         arguments: &T,
     ) -> Result<Self, ArgumentsError> {
+        // `()` (the common "no arguments") without allocating: zero-sized values serialize to a
+        // few bytes at most, so try those in a small buffer first.
+        if size_of_val(arguments) == 0 {
+            let mut small = SmallBuf::default();
+            if serde_json::to_writer(&mut small, arguments).is_ok() && small.get() == b"null" {
+                self.arguments = None;
+                return Ok(self);
+            }
+        }
         let bytes = serde_json::to_vec(arguments)?;
         if bytes == b"null" {
             self.arguments = None;
@@ -308,6 +317,36 @@ fn write_json_string(s: &str, out: &mut Vec<u8>) {
     }
 }
 
+/// A few bytes of output, for serializing zero-sized values; more fails the write.
+#[derive(Default)]
+struct SmallBuf {
+    buf: [u8; 8],
+    len: usize,
+}
+
+impl SmallBuf {
+    fn get(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::io::Write for SmallBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let end = self.len + data.len();
+        let room = self
+            .buf
+            .get_mut(self.len..end)
+            .ok_or(std::io::ErrorKind::WriteZero)?;
+        room.copy_from_slice(data);
+        self.len = end;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Checks serialized arguments: an object within QEMU's nesting and token limits.
 fn check_arguments(bytes: &[u8]) -> Result<(), ArgumentsError> {
     if bytes.first() != Some(&b'{') {
@@ -382,6 +421,39 @@ fn measure(json: &[u8]) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wire(cmd: &Command) -> String {
+        let mut out = Vec::new();
+        cmd.write_body(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn zero_sized_arguments_are_none_or_what_they_serialize_to() {
+        #[derive(Serialize)]
+        struct Unit;
+        #[derive(Serialize)]
+        struct Empty {}
+        /// Zero-sized, but longer than the small buffer.
+        struct Long;
+        impl Serialize for Long {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str("a string longer than eight bytes")
+            }
+        }
+        let plain = r#"{"execute":"x""#;
+        fn cmd<T: Serialize>(args: &T) -> Result<Command, ArgumentsError> {
+            Command::new("x").arguments(args)
+        }
+        assert_eq!(wire(&cmd(&()).unwrap()), plain);
+        assert_eq!(wire(&cmd(&Unit).unwrap()), plain);
+        assert_eq!(wire(&cmd(&None::<Value>).unwrap()), plain);
+        assert_eq!(
+            wire(&cmd(&Empty {}).unwrap()),
+            r#"{"execute":"x","arguments":{}"#
+        );
+        assert!(matches!(cmd(&Long), Err(ArgumentsError::NotAnObject)));
+    }
 
     #[test]
     fn measure_counts_depth_and_tokens() {
