@@ -347,6 +347,8 @@ mod tests {
             r#"{"return": {"a": 1,}}"#,
             r#"{"return": {"a" 1}}"#,
             r#"{"return": tru}"#,
+            r#"{"return": txxx}"#,
+            r#"{"return": [fal{e]}"#,
             r#"{"return": "\x"}"#,
             r#"{"return": "\u12"}"#,
             "{\"return\": \"a\tb\"}",
