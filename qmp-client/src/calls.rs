@@ -106,21 +106,25 @@ impl Calls {
     /// The answer in `slot` if there is one (the slot is then free), else registers `waker`.
     fn poll_answer(&self, slot: usize, waker: &Waker) -> Option<Result<Answer, Error>> {
         let mut inner = self.lock();
-        match mem::replace(&mut inner.slots[slot], Slot::Free) {
+        let old = match mem::replace(&mut inner.slots[slot], Slot::Free) {
             Slot::Done(answer) => {
                 inner.free.push(slot);
-                Some(answer)
+                return Some(answer);
             }
             Slot::Waiting(Some(w)) if w.will_wake(waker) => {
                 inner.slots[slot] = Slot::Waiting(Some(w));
-                None
+                return None;
             }
             // Only its caller frees a waiting slot, so `Free` and `Abandoned` cannot be seen here.
-            _ => {
+            old => {
                 inner.slots[slot] = Slot::Waiting(Some(waker.clone()));
-                None
+                old
             }
-        }
+        };
+        drop(inner);
+        // Dropping a waker may run executor code, which may drop a `Call`: never under the lock.
+        drop(old);
+        None
     }
 
     /// The caller of `slot` gives up: its answer, if any, is dropped, else the task frees the slot
@@ -148,8 +152,8 @@ impl Calls {
     /// already gave up) and registers `waker` for more. Returns whether every client handle is
     /// gone.
     pub(crate) fn take(&self, into: &mut Vec<Request>, waker: &Waker) -> bool {
-        let mut inner = self.lock();
-        let inner = &mut *inner;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         for request in inner.queue.drain(..) {
             if let Request::Execute { slot, .. } = request
                 && let Slot::Abandoned = inner.slots[slot]
@@ -160,10 +164,14 @@ impl Calls {
             }
             into.push(request);
         }
+        let mut old = None;
         if !inner.task.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            inner.task = Some(waker.clone());
+            old = inner.task.replace(waker.clone());
         }
-        inner.orphaned
+        let orphaned = inner.orphaned;
+        drop(guard);
+        drop(old);
+        orphaned
     }
 
     /// For the task: delivers answers, waking their callers; answers to calls given up are
@@ -231,8 +239,9 @@ impl Calls {
                 Slot::Free | Slot::Done(_) => {}
             }
         }
-        inner.task = None;
+        let task = inner.task.take();
         drop(inner);
+        drop(task);
         for request in queue {
             if let Request::Close { done } = request {
                 let _ = done.send(());

@@ -122,6 +122,8 @@ pub(crate) struct Driver<T, S> {
     shared: Arc<Shared>,
     /// Requests taken from the calls queue, being handled.
     requests: Vec<Request>,
+    /// Requests that were queued behind a close; failed when the connection ends.
+    behind_close: Vec<Request>,
     /// The slot of each request the connection has, by request.
     waiters: IdMap<usize>,
     /// Answers for the calls, delivered together once the outputs at hand are dispatched.
@@ -161,6 +163,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             timer,
             shared,
             requests: Vec::new(),
+            behind_close: Vec::new(),
             waiters: IdMap::default(),
             answers: Vec::new(),
             fds: IdMap::default(),
@@ -235,9 +238,14 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         let mut requests = std::mem::take(&mut self.requests);
         let orphaned = self.shared.calls.take(&mut requests, cx.waker());
         let mut progress = !requests.is_empty();
-        for request in requests.drain(..) {
+        let mut taken = requests.drain(..);
+        while !self.closing {
+            let Some(request) = taken.next() else { break };
             self.handle(request);
         }
+        // Whatever was queued behind a close waits for the end, as if never taken: `finish`
+        // fails it, so nothing asked for after `disconnect()` is written.
+        self.behind_close.extend(taken);
         self.requests = requests;
         if orphaned {
             // Every handle is gone: nobody can send or wait any more.
@@ -478,6 +486,18 @@ impl<T, S> Driver<T, S> {
     /// still waits, and release everything.
     fn finish(&mut self, reason: Disconnect) {
         self.finished = true;
+        // The reason first, so a call refused from here on reports it.
+        self.shared.set_closed(reason.clone());
+        for request in std::mem::take(&mut self.behind_close) {
+            match request {
+                Request::Execute { slot, .. } => {
+                    let e = Error::Disconnected(reason.clone());
+                    self.answers.push((slot, Err(e)));
+                }
+                Request::Close { done } => self.close_done.push(done),
+                Request::Resync { .. } => {}
+            }
+        }
         self.shared.calls.answer(&mut self.answers);
         self.shared.calls.close(&reason);
         self.waiters.clear();
@@ -485,7 +505,6 @@ impl<T, S> Driver<T, S> {
             let _ = ready.send(Err(Error::Disconnected(reason.clone())));
         }
         self.fds.clear();
-        self.shared.set_closed(reason);
         for done in self.close_done.drain(..) {
             let _ = done.send(());
         }

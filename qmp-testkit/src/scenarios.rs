@@ -646,6 +646,30 @@ pub async fn fake_lifecycle(a: &'static dyn Adapter) {
         Err(Error::Disconnected(_))
     ));
 
+    // A command asked for right behind a disconnect is refused, never written: the close was
+    // asked for first.
+    let (tx, rx) = mpsc::channel::<Vec<String>>();
+    let server = FakeServer::start(move |c: &mut ServerConn| {
+        c.handshake();
+        let mut written = Vec::new();
+        while let Some(r) = c.recv() {
+            written.push(r.name().to_owned());
+            c.reply(&r.command, json!({}));
+        }
+        tx.send(written).expect("send");
+    });
+    let client = connect(a, &server).await;
+    let (_, after) = futures_util::join!(client.disconnect(), client.execute("after", ()));
+    assert!(
+        matches!(after, Err(Error::Disconnected(Disconnect::Local))),
+        "{after:?}"
+    );
+    assert_eq!(
+        recv(a, rx).await,
+        Vec::<String>::new(),
+        "written after disconnect()"
+    );
+
     let (tx, rx) = mpsc::channel::<bool>();
     let server = FakeServer::start(move |c: &mut ServerConn| {
         c.handshake();
