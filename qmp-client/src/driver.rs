@@ -332,7 +332,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     /// Forgets requests whose caller gave up (dropped its future). Only queued requests need it
     /// (so they are never written); it runs before anything that could write them: input (a
     /// response frees a window slot) and timeouts. A written request's late response is
-    /// discarded anyway, when its reply channel turns out closed.
+    /// discarded anyway, when its slot turns out abandoned.
     fn reap_cancelled(&mut self) {
         if self.conn.queued() == 0 {
             return;

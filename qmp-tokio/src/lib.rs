@@ -27,7 +27,8 @@
 //! stream), and for the guest agent [`connect_guest_agent`] and [`wrap_guest_agent`].
 //!
 //! The connection runs in a task spawned on the current tokio runtime, which owns the socket.
-//! Commands and subscriptions talk to it through channels, so every call is cancel-safe.
+//! Commands and subscriptions only hand it requests and take its answers, so every call is
+//! cancel-safe.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
