@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::calls::Request;
 use crate::client::Shared;
 use crate::error::{Disconnect, Error};
+use crate::events::HubView;
 
 /// A byte stream a connection runs over. Adapters implement it for their runtime's
 /// sockets; the driver calls it from one task only.
@@ -135,6 +136,8 @@ pub(crate) struct Driver<T, S> {
     resyncs: Vec<oneshot::Sender<()>>,
     /// Subscribers to wake once the outputs at hand are delivered.
     wakes: Vec<std::task::Waker>,
+    /// The subscribers, as of the hub's last change.
+    hub_view: HubView,
     io_error: Option<Arc<io::Error>>,
     needs_flush: bool,
     /// A subscriber's queue filled up: yield so it can catch up before more is read.
@@ -171,6 +174,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             ready: Some(ready),
             resyncs: Vec::new(),
             wakes: Vec::new(),
+            hub_view: HubView::default(),
             io_error: None,
             needs_flush: false,
             yield_now: false,
@@ -450,7 +454,10 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 Output::Value { id, value } => self.answer(id, Ok(Answer::Value(value))),
                 Output::Event(event) => {
                     tracing::trace!(name = %event.name, "event");
-                    self.yield_now |= self.shared.hub.publish(event, &mut self.wakes);
+                    self.yield_now |=
+                        self.shared
+                            .hub
+                            .publish(&mut self.hub_view, event, &mut self.wakes);
                 }
                 Output::Unmatched(u) => {
                     tracing::debug!(id = ?u.id.as_ref().map(RawJson::get), result = ?u.result, "response matching no request");

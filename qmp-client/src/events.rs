@@ -7,6 +7,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -144,6 +145,8 @@ pub(crate) struct Subscriber {
     filter: EventFilter,
     capacity: usize,
     queue: Mutex<Queue>,
+    /// Its [`Subscription`] was dropped: nobody reads the queue any more.
+    dropped: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -182,6 +185,17 @@ impl Subscriber {
         }
     }
 
+    /// Its subscription is gone: stop queueing, and free what was queued.
+    fn unsubscribe(&self) {
+        self.dropped.store(true, Ordering::Release);
+        let items = {
+            let mut q = lock(&self.queue);
+            q.closed = true;
+            std::mem::take(&mut q.items)
+        };
+        drop(items);
+    }
+
     fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
         let mut q = lock(&self.queue);
         if let Some(item) = q.items.pop_front() {
@@ -203,7 +217,19 @@ impl Subscriber {
 #[derive(Default)]
 pub(crate) struct Hub {
     subscribers: Mutex<Vec<Arc<Subscriber>>>,
-    closed: std::sync::atomic::AtomicBool,
+    /// Bumped whenever a subscriber comes or goes, so the driver knows to refresh its
+    /// [`HubView`].
+    generation: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// The driver's copy of the subscriber list, refreshed when the [`Hub`] changes: events are
+/// matched and delivered without the hub's lock, so a filter's predicate runs with no lock held
+/// (it may even subscribe) and an event costs no lock but its subscriber's queue.
+#[derive(Default)]
+pub(crate) struct HubView {
+    subscribers: Vec<Arc<Subscriber>>,
+    generation: u64,
 }
 
 impl Hub {
@@ -217,14 +243,23 @@ impl Hub {
                 closed: false,
                 waker: None,
             }),
+            dropped: AtomicBool::new(false),
         });
         let mut subs = lock(&self.subscribers);
-        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if self.closed.load(Ordering::Acquire) {
             sub.close();
         } else {
             subs.push(Arc::clone(&sub));
+            // Before the caller can send a command whose events it must see: the driver takes
+            // that command (through a lock) after this, so it sees the new generation.
+            self.generation.fetch_add(1, Ordering::Release);
         }
         sub
+    }
+
+    /// A subscriber went away: drivers refresh their views.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Delivers `event` to every subscriber whose filter matches. Dropped subscriptions are
@@ -233,13 +268,17 @@ impl Hub {
     /// takes a batch per wake-up instead of being woken (a context switch on a busy CPU) for each
     /// event. Returns whether a subscriber's queue is half full or more: the driver then lets
     /// other tasks (the subscribers) run before it reads on.
-    pub(crate) fn publish(&self, event: Event, wakes: &mut Vec<Waker>) -> bool {
-        let mut subs = lock(&self.subscribers);
-        subs.retain(|s| Arc::strong_count(s) > 1);
+    pub(crate) fn publish(&self, view: &mut HubView, event: Event, wakes: &mut Vec<Waker>) -> bool {
+        if self.generation.load(Ordering::Acquire) != view.generation {
+            let mut subs = lock(&self.subscribers);
+            subs.retain(|s| !s.dropped.load(Ordering::Acquire));
+            view.subscribers.clone_from(&subs);
+            view.generation = self.generation.load(Ordering::Acquire);
+        }
         // Clone for all matches but the last, which takes the event itself.
         let mut last: Option<&Arc<Subscriber>> = None;
         let mut pressure = false;
-        for sub in subs.iter().filter(|s| s.filter.matches(&event)) {
+        for sub in view.subscribers.iter().filter(|s| s.filter.matches(&event)) {
             if let Some(prev) = last.replace(sub) {
                 pressure |= prev.push(event.clone(), wakes);
             }
@@ -253,11 +292,11 @@ impl Hub {
     /// Ends every subscription's stream (after what is queued) and any made later.
     pub(crate) fn close(&self) {
         let mut subs = lock(&self.subscribers);
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.closed.store(true, Ordering::Release);
         for sub in subs.drain(..) {
             sub.close();
         }
+        self.changed();
     }
 }
 
@@ -319,6 +358,13 @@ impl Subscription {
         crate::client::race(wait, sleep)
             .await
             .unwrap_or(Err(Error::Timeout))
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.sub.unsubscribe();
+        self.shared.hub.changed();
     }
 }
 

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -740,6 +740,10 @@ pub async fn fake_raw_commands_and_patterns(a: &'static dyn Adapter) {
             "JOB_STATUS_CHANGE",
             json!({"status": "pending", "id": "job0", "extra": [1]}),
         );
+        let emit = c.expect("emit");
+        c.reply(&emit.command, json!({}));
+        c.event("A", json!({}));
+        c.event("B", json!({}));
         c.serve_forever();
     });
     let client = connect(a, &server).await;
@@ -761,6 +765,26 @@ pub async fn fake_raw_commands_and_patterns(a: &'static dyn Adapter) {
         .wait_for(EventFilter::name("NEVER"), Duration::from_millis(100))
         .await;
     assert!(matches!(err, Err(Error::Timeout)), "{err:?}");
+
+    // A filter's predicate runs with no lock of the client's held: it may use the client, here
+    // to subscribe (which used to deadlock the connection's task).
+    let inner: Arc<Mutex<Option<qmp_client::Subscription>>> = Arc::default();
+    let (handle, slot) = (Mutex::new(Some(client.clone())), Arc::clone(&inner));
+    let mut outer = client.subscribe(EventFilter::name("A").predicate(move |_| {
+        if let Some(c) = handle.lock().expect("lock").take() {
+            *slot.lock().expect("lock") = Some(c.subscribe(EventFilter::name("B")));
+        }
+        true
+    }));
+    client.execute("emit", ()).await.expect("emit");
+    let got = outer.recv_timeout(Duration::from_secs(5)).await.expect("A");
+    assert_eq!(got.name, "A");
+    let mut from_predicate = inner.lock().expect("lock").take().expect("subscribed");
+    let got = from_predicate
+        .recv_timeout(Duration::from_secs(5))
+        .await
+        .expect("B, to the subscription made while A was matched");
+    assert_eq!(got.name, "B");
     let _: Value = client
         .execute("query-version", ())
         .await
