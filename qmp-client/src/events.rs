@@ -188,12 +188,12 @@ impl Subscriber {
     /// Its subscription is gone: stop queueing, and free what was queued.
     fn unsubscribe(&self) {
         self.dropped.store(true, Ordering::Release);
-        let items = {
+        let freed = {
             let mut q = lock(&self.queue);
             q.closed = true;
-            std::mem::take(&mut q.items)
+            (std::mem::take(&mut q.items), q.waker.take())
         };
-        drop(items);
+        drop(freed);
     }
 
     fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
@@ -269,11 +269,27 @@ impl Hub {
     /// event. Returns whether a subscriber's queue is half full or more: the driver then lets
     /// other tasks (the subscribers) run before it reads on.
     pub(crate) fn publish(&self, view: &mut HubView, event: Event, wakes: &mut Vec<Waker>) -> bool {
-        if self.generation.load(Ordering::Acquire) != view.generation {
-            let mut subs = lock(&self.subscribers);
-            subs.retain(|s| !s.dropped.load(Ordering::Acquire));
-            view.subscribers.clone_from(&subs);
-            view.generation = self.generation.load(Ordering::Acquire);
+        // Read before the list: a subscription dropped during the refresh bumps it again, so the
+        // next event refreshes once more.
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation != view.generation {
+            let mut gone = Vec::new();
+            let fresh = {
+                let mut subs = lock(&self.subscribers);
+                subs.retain(|s| {
+                    let dropped = s.dropped.load(Ordering::Acquire);
+                    if dropped {
+                        gone.push(Arc::clone(s));
+                    }
+                    !dropped
+                });
+                subs.clone()
+            };
+            let old = std::mem::replace(&mut view.subscribers, fresh);
+            view.generation = generation;
+            // Outside the lock: dropping a filter drops what its predicate captured, whose own
+            // `Drop` may subscribe.
+            drop((old, gone));
         }
         // Clone for all matches but the last, which takes the event itself.
         let mut last: Option<&Arc<Subscriber>> = None;

@@ -1,0 +1,101 @@
+//! A subscription dropped while the connection's task refreshes its copy of the subscriber list
+//! is forgotten all the same (found in review: the refresh used to record a generation read after
+//! the list, missing a drop in between, so the dropped filter ran on and leaked what it held).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qmp_tokio::{EventFilter, Options};
+use serde_json::json;
+
+/// Captured by a predicate: dropped by the driver (under the hub lock) when it refreshes its view
+/// after the subscription went away. Holds that refresh until told to go on.
+struct SlowDrop {
+    started: Mutex<Sender<()>>,
+    go: Mutex<Receiver<()>>,
+}
+
+impl Drop for SlowDrop {
+    fn drop(&mut self) {
+        let _ = self.started.lock().unwrap().send(());
+        let _ = self.go.lock().unwrap().recv_timeout(Duration::from_secs(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_dropped_during_a_view_refresh_is_forgotten() {
+    let server = qmp_testkit::FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            c.reply(&r.command, json!({}));
+            if r.name() == "emit" {
+                c.event("E", json!({}));
+            }
+        }
+    });
+    let client = qmp_tokio::connect(server.path(), Options::new())
+        .await
+        .unwrap();
+
+    let (started_tx, started_rx) = channel();
+    let (go_tx, go_rx) = channel();
+    let slow_state = SlowDrop {
+        started: Mutex::new(started_tx),
+        go: Mutex::new(go_rx),
+    };
+    let slow = client.subscribe(EventFilter::name("NEVER").predicate(move |_| {
+        let _ = &slow_state;
+        false
+    }));
+
+    let token = Arc::new(());
+    let alive = Arc::downgrade(&token);
+    let checking = Arc::new(AtomicBool::new(false));
+    let late_calls = Arc::new(AtomicUsize::new(0));
+    let x = client.subscribe(EventFilter::name("E").predicate({
+        let (checking, late_calls) = (checking.clone(), late_calls.clone());
+        move |_| {
+            let _ = &token;
+            if checking.load(Ordering::SeqCst) {
+                late_calls.fetch_add(1, Ordering::SeqCst);
+            }
+            true
+        }
+    }));
+    let mut w = client.subscribe(EventFilter::name("E"));
+
+    // The driver's view now holds slow, x and w.
+    client.execute("emit", ()).await.unwrap();
+    w.recv_timeout(Duration::from_secs(5)).await.unwrap();
+
+    // Dropping `slow` makes the next event refresh the view; that refresh drops slow's state and
+    // blocks in it, after `retain` has looked at x (not dropped yet).
+    drop(slow);
+    let emit = tokio::spawn({
+        let c = client.clone();
+        async move { c.execute("emit", ()).await }
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the refresh started");
+    drop(x); // bumps the generation while the refresh is under way
+    go_tx.send(()).unwrap();
+    emit.await.unwrap().unwrap();
+    w.recv_timeout(Duration::from_secs(5)).await.unwrap();
+
+    // x was dropped before these events were even asked for.
+    checking.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        client.execute("emit", ()).await.unwrap();
+        w.recv_timeout(Duration::from_secs(5)).await.unwrap();
+    }
+    let late = late_calls.load(Ordering::SeqCst);
+    let leaked = alive.upgrade().is_some();
+    assert!(
+        late == 0 && !leaked,
+        "dropped subscription still in the driver's view: its predicate ran {late} more times, \
+         its state leaked: {leaked}"
+    );
+}
