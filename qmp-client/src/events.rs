@@ -83,7 +83,9 @@ impl EventFilter {
     }
 
     /// Also require `predicate` to hold. It runs on the connection's driver for every event that
-    /// passes the name filter, so keep it quick.
+    /// passes the name filter, with no lock of the client's held: keep it quick, and never wait
+    /// in it (a blocking call there, such as a `qmp-blocking` command, stalls the connection it
+    /// waits on). Methods that do not wait, such as `subscribe`, are fine.
     pub fn predicate(mut self, predicate: impl Fn(&Event) -> bool + Send + Sync + 'static) -> Self {
         self.predicate = Some(Arc::new(predicate));
         self
