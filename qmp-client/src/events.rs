@@ -259,7 +259,29 @@ impl Hub {
         sub
     }
 
-    /// A subscriber went away: drivers refresh their views.
+    /// A subscriber went away: it leaves the list now (so subscriptions that come and go
+    /// between events do not pile up), and the driver refreshes its view.
+    fn unsubscribed(&self) {
+        let gone = self.prune();
+        self.changed();
+        drop(gone);
+    }
+
+    /// Takes the dropped subscribers out of the list; the caller drops them once the lock is
+    /// released (dropping a filter drops what its predicate captured, whose `Drop` may
+    /// subscribe).
+    fn prune(&self) -> Vec<Arc<Subscriber>> {
+        let mut gone = Vec::new();
+        lock(&self.subscribers).retain(|s| {
+            let dropped = s.dropped.load(Ordering::Acquire);
+            if dropped {
+                gone.push(Arc::clone(s));
+            }
+            !dropped
+        });
+        gone
+    }
+
     fn changed(&self) {
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -275,18 +297,8 @@ impl Hub {
         // next event refreshes once more.
         let generation = self.generation.load(Ordering::Acquire);
         if generation != view.generation {
-            let mut gone = Vec::new();
-            let fresh = {
-                let mut subs = lock(&self.subscribers);
-                subs.retain(|s| {
-                    let dropped = s.dropped.load(Ordering::Acquire);
-                    if dropped {
-                        gone.push(Arc::clone(s));
-                    }
-                    !dropped
-                });
-                subs.clone()
-            };
+            let gone = self.prune();
+            let fresh = lock(&self.subscribers).clone();
             let old = std::mem::replace(&mut view.subscribers, fresh);
             view.generation = generation;
             // Outside the lock: dropping a filter drops what its predicate captured, whose own
@@ -382,7 +394,7 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.sub.unsubscribe();
-        self.shared.hub.changed();
+        self.shared.hub.unsubscribed();
     }
 }
 

@@ -99,3 +99,29 @@ async fn subscription_dropped_during_a_view_refresh_is_forgotten() {
          its state leaked: {leaked}"
     );
 }
+
+/// Subscriptions that come and go while no event arrives do not pile up: each one's filter, and
+/// what its predicate holds, is released when it is dropped.
+#[tokio::test]
+async fn subscriptions_dropped_between_events_are_released_at_once() {
+    let server = qmp_testkit::FakeServer::start(|c| {
+        c.handshake();
+        c.serve_forever();
+    });
+    let client = qmp_tokio::connect(server.path(), Options::new())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let token = Arc::new(());
+        let held = Arc::downgrade(&token);
+        let sub = client.subscribe(EventFilter::all().predicate(move |_| {
+            let _ = &token;
+            true
+        }));
+        drop(sub);
+        assert!(
+            held.upgrade().is_none(),
+            "a dropped subscription's filter is still held"
+        );
+    }
+}
