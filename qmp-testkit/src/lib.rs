@@ -436,7 +436,7 @@ impl Qsd {
             "chardev=m"
         };
         let chardev = format!("socket,path={},server=on,wait=off,id=m", socket.display());
-        let child = spawn_qsd(&[(chardev, monitor.to_owned())]);
+        let child = spawn_qsd(dir.path(), &[(chardev, monitor.to_owned())]);
         let qsd = Self {
             child,
             dir,
@@ -462,7 +462,7 @@ impl Qsd {
                 (chardev, format!("chardev=m{i}"))
             })
             .collect();
-        let child = spawn_qsd(&monitors);
+        let child = spawn_qsd(dir.path(), &monitors);
         let mut sockets = sockets.into_iter();
         let socket = sockets.next().expect("one monitor at least");
         let qsd = Self {
@@ -487,7 +487,7 @@ impl Qsd {
     pub fn connect_to(socket: &Path) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let chardev = format!("socket,path={},server=off,id=m", socket.display());
-        let child = spawn_qsd(&[(chardev, "chardev=m".to_owned())]);
+        let child = spawn_qsd(dir.path(), &[(chardev, "chardev=m".to_owned())]);
         Self {
             child,
             dir,
@@ -522,15 +522,19 @@ impl Qsd {
     }
 }
 
-fn spawn_qsd(monitors: &[(String, String)]) -> Child {
+/// The daemon's standard error, kept in its scratch dir.
+const QSD_STDERR: &str = "qemu-storage-daemon.stderr";
+
+fn spawn_qsd(dir: &Path, monitors: &[(String, String)]) -> Child {
     let program = require("qemu-storage-daemon", "qemu-utils");
+    let stderr = std::fs::File::create(dir.join(QSD_STDERR)).expect("a file for its stderr");
     let mut cmd = Command::new(program);
     for (chardev, monitor) in monitors {
         cmd.args(["--chardev", chardev, "--monitor", monitor]);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start qemu-storage-daemon")
 }
@@ -538,6 +542,16 @@ fn spawn_qsd(monitors: &[(String, String)]) -> Child {
 impl Drop for Qsd {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what the daemon said: it is how a daemon-side fault shows up
+        // (qemu-storage-daemon 10.0 sometimes logs a GLib assertion from its socket chardev and
+        // then stops serving a client that reconnected at once).
+        if std::thread::panicking() {
+            let said =
+                std::fs::read_to_string(self.dir.path().join(QSD_STDERR)).unwrap_or_default();
+            if !said.is_empty() {
+                eprintln!("qemu-storage-daemon's stderr:\n{said}");
+            }
+        }
     }
 }
 
