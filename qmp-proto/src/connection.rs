@@ -565,9 +565,7 @@ impl Connection {
 /// limit, or not UTF-8), which then give the same frames they would have anyway.
 fn fast_message(splitter: &JsonSplitter) -> Option<(usize, &str, crate::scan::Spans)> {
     let bytes = splitter.unscanned();
-    let start = bytes
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))?;
+    let start = crate::scan::skip_ws(bytes);
     let (max_size, max_depth) = splitter.limits();
     let (len, spans) = crate::scan::object(&bytes[start..], max_depth - 1)?;
     if len > max_size {

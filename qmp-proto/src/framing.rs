@@ -404,7 +404,7 @@ impl JsonSplitter {
                 continue;
             }
             if self.in_string {
-                match find_string_special(&buf[i..]) {
+                match find_string_byte::<false>(&buf[i..]) {
                     Some(k) => {
                         i += k;
                         if buf[i] == b'\\' {
@@ -565,26 +565,32 @@ enum Step {
     NeedMore,
 }
 
-pub(crate) const fn byte_mask(b: u8) -> u64 {
+const fn byte_mask(b: u8) -> u64 {
     0x0101_0101_0101_0101 * b as u64
 }
 
 /// High bit set in each byte of `w` that equals `b` (exact for the lowest match, which is all the
 /// callers use).
 #[inline(always)]
-pub(crate) fn match_byte(w: u64, b: u8) -> u64 {
+fn match_byte(w: u64, b: u8) -> u64 {
     let x = w ^ byte_mask(b);
     x.wrapping_sub(byte_mask(1)) & !x & byte_mask(0x80)
 }
 
-/// Index of the first `"` or `\` in `s`. Eight bytes at a time: strings are most of QMP's bytes.
+/// Index of the first `"` or `\` in `s` and, with `CONTROLS`, of the first control character
+/// (below 0x20, invalid in a JSON string). Eight bytes at a time: strings are most of QMP's bytes.
 #[inline]
-fn find_string_special(s: &[u8]) -> Option<usize> {
+pub(crate) fn find_string_byte<const CONTROLS: bool>(s: &[u8]) -> Option<usize> {
     let mut chunks = s.chunks_exact(8);
     let mut base = 0;
     for c in &mut chunks {
         let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        let m = match_byte(w, b'"') | match_byte(w, b'\\');
+        let mut m = match_byte(w, b'"') | match_byte(w, b'\\');
+        if CONTROLS {
+            // Bytes below 0x20: the borrow of `w - 0x20` reaches their high bit; bytes with the
+            // high bit already set (UTF-8) are masked out by `!w`. Exact for the lowest match.
+            m |= w.wrapping_sub(byte_mask(0x20)) & !w & byte_mask(0x80);
+        }
         if m != 0 {
             return Some(base + (m.trailing_zeros() / 8) as usize);
         }
@@ -593,7 +599,7 @@ fn find_string_special(s: &[u8]) -> Option<usize> {
     chunks
         .remainder()
         .iter()
-        .position(|&b| b == b'"' || b == b'\\')
+        .position(|&b| b == b'"' || b == b'\\' || CONTROLS && b < 0x20)
         .map(|k| base + k)
 }
 

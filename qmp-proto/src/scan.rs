@@ -1,16 +1,18 @@
-//! The fast path for [`Members::parse`]: one pass over a message that validates it as JSON and
-//! notes where its top-level members are, building nothing.
+//! The fast path for reading messages: one pass over a message that validates it as JSON and
+//! notes where its top-level members are, building nothing. The connection runs it straight over
+//! the splitter's buffer (framing the message too), and [`Members::parse`] over frames the
+//! splitter found.
 //!
 //! It handles the shape QEMU sends (plain member names, values nested at most [`MAX_NESTED`] deep)
 //! and answers `None` for anything else, including anything invalid; the caller then asks
 //! `serde_json`, which has the last word. So a message it accepts is one `serde_json` accepts,
-//! with the same members (the last of repeated names wins, as there). The `wire_scan` fuzz target
-//! checks exactly that against `serde_json`.
+//! with the same members (the last of repeated names wins, as there). The `members_scan` fuzz
+//! target checks exactly that against `serde_json`.
 //!
 //! Why it exists: with a reply of a hundred bytes, `serde_json`'s generic visitor machinery cost
 //! more than reading the bytes; this scanner does the same validation in a third of the time.
 
-use crate::framing::{byte_mask, match_byte};
+use crate::framing::find_string_byte;
 use crate::wire::Members;
 
 /// Deeper values are left to `serde_json` (the open containers are kept in the bits of a `u64`).
@@ -19,13 +21,19 @@ const MAX_NESTED: usize = 64;
 /// The members of the JSON object `text`, or `None` if this scanner does not handle it (see the
 /// module docs): then `serde_json` must decide.
 pub(crate) fn members(text: &str) -> Option<Members<'_>> {
-    let (end, spans) = object(text.as_bytes(), MAX_NESTED)?;
-    let mut s = Scanner {
-        b: text.as_bytes(),
-        i: end,
-    };
+    let b = text.as_bytes();
+    let start = skip_ws(b);
+    let (len, spans) = object(&b[start..], MAX_NESTED)?;
+    let end = start + len;
+    let object = text.get(start..end)?;
+    (end + skip_ws(&b[end..]) == b.len()).then(|| spans.members(object))
+}
+
+/// How many bytes of JSON whitespace (exactly `serde_json`'s set) `b` starts with.
+pub(crate) fn skip_ws(b: &[u8]) -> usize {
+    let mut s = Scanner { b, i: 0 };
     s.ws();
-    (s.i == text.len()).then(|| spans.members(text))
+    s.i
 }
 
 /// Where the top-level members of a message are in its text, as byte ranges.
@@ -52,13 +60,13 @@ impl Spans {
     }
 }
 
-/// One JSON object at the start of `b` (after whitespace), nested at most `max_nested` levels
-/// below its top level: where it ends, and its members. `None`: not handled here (incomplete,
-/// invalid, deeper, or a member name with escapes); the splitter and `serde_json` decide.
+/// One JSON object at the very start of `b`, nested at most `max_nested` levels below its top
+/// level: where it ends, and its members. `None`: not handled here (incomplete, invalid, deeper,
+/// or a member name with escapes); the splitter and `serde_json` decide.
 pub(crate) fn object(b: &[u8], max_nested: usize) -> Option<(usize, Spans)> {
+    let max_nested = max_nested.min(MAX_NESTED);
     let mut s = Scanner { b, i: 0 };
     let mut spans = Spans::default();
-    s.ws();
     s.eat(b'{')?;
     s.ws();
     if !s.eat_if(b'}') {
@@ -68,18 +76,19 @@ pub(crate) fn object(b: &[u8], max_nested: usize) -> Option<(usize, Spans)> {
             s.eat(b':')?;
             s.ws();
             let start = s.i;
-            s.value(max_nested.min(MAX_NESTED))?;
+            s.value(max_nested)?;
+            // In the order of `Spans::members`; other names are skipped.
             let slot = match key {
-                b"QMP" => 0,
-                b"return" => 1,
-                b"error" => 2,
-                b"id" => 3,
-                b"event" => 4,
-                b"data" => 5,
-                b"timestamp" => 6,
-                _ => 7,
+                b"QMP" => Some(0),
+                b"return" => Some(1),
+                b"error" => Some(2),
+                b"id" => Some(3),
+                b"event" => Some(4),
+                b"data" => Some(5),
+                b"timestamp" => Some(6),
+                _ => None,
             };
-            if let Some(slot) = spans.slots.get_mut(slot) {
+            if let Some(slot) = slot.and_then(|i| spans.slots.get_mut(i)) {
                 *slot = Some((start, s.i));
             }
             s.ws();
@@ -130,7 +139,7 @@ impl<'a> Scanner<'a> {
     fn plain_key(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
-        let k = find_string_stop(&self.b[start..])?;
+        let k = find_string_byte::<true>(&self.b[start..])?;
         self.i += k + 1;
         let b = self.b;
         (b[start + k] == b'"').then(|| &b[start..start + k])
@@ -139,7 +148,7 @@ impl<'a> Scanner<'a> {
     /// The rest of a string whose opening quote has been read.
     fn string(&mut self) -> Option<()> {
         loop {
-            self.i += find_string_stop(self.b.get(self.i..)?)?;
+            self.i += find_string_byte::<true>(self.b.get(self.i..)?)?;
             match self.next()? {
                 b'"' => return Some(()),
                 b'\\' => match self.next()? {
@@ -271,29 +280,6 @@ impl<'a> Scanner<'a> {
     }
 }
 
-/// Index of the first `"`, `\` or control character in `s`, eight bytes at a time.
-#[inline]
-fn find_string_stop(s: &[u8]) -> Option<usize> {
-    let mut chunks = s.chunks_exact(8);
-    let mut base = 0;
-    for c in &mut chunks {
-        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        // Bytes below 0x20: the borrow of `w - 0x20` reaches their high bit; bytes with the high
-        // bit already set (UTF-8) are masked out by `!w`. Exact for the lowest match.
-        let control = w.wrapping_sub(byte_mask(0x20)) & !w & byte_mask(0x80);
-        let m = match_byte(w, b'"') | match_byte(w, b'\\') | control;
-        if m != 0 {
-            return Some(base + (m.trailing_zeros() / 8) as usize);
-        }
-        base += 8;
-    }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-        .map(|k| base + k)
-}
-
 /// Panics unless `serde_json` accepts whatever the scanner accepts, with the same members.
 /// Returns whether the scanner took `text`. For tests and the `members_scan` fuzz target.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -372,9 +358,9 @@ mod tests {
             for at in 0..len {
                 let mut s = vec![b'a'; len];
                 s[at] = 0x1f;
-                assert_eq!(find_string_stop(&s), Some(at));
+                assert_eq!(find_string_byte::<true>(&s), Some(at));
                 s[at] = 0xc3;
-                assert_eq!(find_string_stop(&s), None);
+                assert_eq!(find_string_byte::<true>(&s), None);
             }
         }
     }
