@@ -1,6 +1,7 @@
 //! The task that owns a connection: the socket, the [`Connection`] state machine, and the table of
-//! callers waiting for responses. Callers hand it requests through [`Calls`](crate::calls::Calls), so none of them
-//! ever touches the socket: a dropped call can never leave half a command on the wire.
+//! callers waiting for responses. Callers hand it requests through
+//! [`Calls`](crate::calls::Calls), so none of them ever touches the socket: a dropped call can
+//! never leave half a command on the wire.
 
 use std::collections::HashMap;
 use std::io;
@@ -496,13 +497,9 @@ impl<T, S> Driver<T, S> {
         // The reason first, so a call refused from here on reports it.
         self.shared.set_closed(reason.clone());
         for request in std::mem::take(&mut self.behind_close) {
-            match request {
-                Request::Execute { slot, .. } => {
-                    let e = Error::Disconnected(reason.clone());
-                    self.answers.push((slot, Err(e)));
-                }
-                Request::Close { done } => self.close_done.push(done),
-                Request::Resync { .. } => {}
+            // Commands behind the close fail below, with every call still waiting.
+            if let Request::Close { done } = request {
+                self.close_done.push(done);
             }
         }
         self.shared.calls.answer(&mut self.answers);

@@ -262,15 +262,6 @@ impl Hub {
     /// A subscriber went away: it leaves the list now (so subscriptions that come and go
     /// between events do not pile up), and the driver refreshes its view.
     fn unsubscribed(&self) {
-        let gone = self.prune();
-        self.changed();
-        drop(gone);
-    }
-
-    /// Takes the dropped subscribers out of the list; the caller drops them once the lock is
-    /// released (dropping a filter drops what its predicate captured, whose `Drop` may
-    /// subscribe).
-    fn prune(&self) -> Vec<Arc<Subscriber>> {
         let mut gone = Vec::new();
         lock(&self.subscribers).retain(|s| {
             let dropped = s.dropped.load(Ordering::Acquire);
@@ -279,15 +270,17 @@ impl Hub {
             }
             !dropped
         });
-        gone
+        self.changed();
+        // Outside the lock: dropping a filter drops what its predicate captured, whose own
+        // `Drop` may subscribe.
+        drop(gone);
     }
 
     fn changed(&self) {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Delivers `event` to every subscriber whose filter matches. Dropped subscriptions are
-    /// forgotten here. The wakers of subscribers that were waiting go to `wakes`, for the driver
+    /// Delivers `event` to every subscriber whose filter matches. The wakers of subscribers that were waiting go to `wakes`, for the driver
     /// to wake once it has delivered everything it read: a subscriber on another thread then
     /// takes a batch per wake-up instead of being woken (a context switch on a busy CPU) for each
     /// event. Returns whether a subscriber's queue is half full or more: the driver then lets
@@ -297,13 +290,13 @@ impl Hub {
         // next event refreshes once more.
         let generation = self.generation.load(Ordering::Acquire);
         if generation != view.generation {
-            let gone = self.prune();
+            // Dropped subscriptions took themselves out of the list (`unsubscribed`).
             let fresh = lock(&self.subscribers).clone();
             let old = std::mem::replace(&mut view.subscribers, fresh);
             view.generation = generation;
             // Outside the lock: dropping a filter drops what its predicate captured, whose own
             // `Drop` may subscribe.
-            drop((old, gone));
+            drop(old);
         }
         // Clone for all matches but the last, which takes the event itself.
         let mut last: Option<&Arc<Subscriber>> = None;
