@@ -3,6 +3,8 @@
 //! These pin what must still hold: replies, events, deadlines and disconnects reach whoever
 //! waits, whichever thread happens to be reading.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use qmp_blocking::{Error, EventFilter, Options};
@@ -223,41 +225,23 @@ fn leading_calls_against_real_qemu_and_qemu_ga() {
     let err = client.execute("no-such-command", ()).unwrap_err();
     assert!(err.is_qmp_class("CommandNotFound"), "{err:?}");
     let mut jobs = client.subscribe(EventFilter::name("JOB_STATUS_CHANGE"));
-    for node in ["src", "tgt"] {
-        client
-            .execute(
-                "blockdev-add",
-                json!({"driver": "null-co", "node-name": node, "size": 1 << 20}),
-            )
-            .unwrap();
-    }
-    client
-        .execute(
-            "blockdev-mirror",
-            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}),
-        )
-        .unwrap();
+    common::start_null_job(&client, "blockdev-mirror");
+    let mut record_until = |statuses: &mut Vec<String>, status: &str| {
+        while statuses.last().map(String::as_str) != Some(status) {
+            let e = jobs.recv_timeout(Duration::from_secs(10)).unwrap();
+            statuses.push(
+                e.data_value().unwrap()["status"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+    };
     let mut statuses = Vec::new();
-    while statuses.last().map(String::as_str) != Some("ready") {
-        let e = jobs.recv_timeout(Duration::from_secs(10)).unwrap();
-        statuses.push(
-            e.data_value().unwrap()["status"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
+    record_until(&mut statuses, "ready");
     assert_eq!(statuses[..2], ["created", "running"]);
     client.execute("job-complete", json!({"id": "j"})).unwrap();
-    while statuses.last().map(String::as_str) != Some("null") {
-        let e = jobs.recv_timeout(Duration::from_secs(10)).unwrap();
-        statuses.push(
-            e.data_value().unwrap()["status"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
+    record_until(&mut statuses, "null");
     client.disconnect();
 
     let qga = qmp_testkit::QemuGa::start();

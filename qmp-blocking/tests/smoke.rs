@@ -1,5 +1,7 @@
 //! Blocking-specific behaviour; the shared scenarios are in `conformance.rs`.
 
+mod common;
+
 use std::time::Duration;
 
 use qmp_testkit::Qsd;
@@ -17,20 +19,7 @@ fn handles_are_shared_across_threads() {
         .collect();
     assert!(threads.into_iter().all(|t| t.join().unwrap()));
     let mut events = client.subscribe(qmp_blocking::EventFilter::name("JOB_STATUS_CHANGE"));
-    for node in ["src", "tgt"] {
-        client
-            .execute(
-                "blockdev-add",
-                json!({"driver": "null-co", "node-name": node, "size": 1 << 20}),
-            )
-            .unwrap();
-    }
-    client
-        .execute(
-            "blockdev-backup",
-            json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}),
-        )
-        .unwrap();
+    common::start_null_job(&client, "blockdev-backup");
     let first = events.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(first.data_value().unwrap()["status"], "created");
     client.disconnect();
