@@ -187,7 +187,7 @@ pub(crate) fn parts(
     }
     let shared = Arc::new_cyclic(|shared| Shared {
         task: Mutex::new(None),
-        waker: Waker::from(Arc::new(PipeWaker(Weak::clone(shared)))),
+        waker: SharedWaker::waker(shared, Shared::wake),
         want_read: AtomicBool::new(false),
         want_write: AtomicBool::new(false),
         timer: Mutex::new(None),
@@ -205,7 +205,7 @@ pub(crate) fn parts(
         lead_tx,
         lead_woken: AtomicBool::new(false),
         lead_sleeping: AtomicBool::new(false),
-        lead_waker: Waker::from(Arc::new(LeadWaker(Weak::clone(shared)))),
+        lead_waker: SharedWaker::waker(shared, Shared::wake_leader),
     });
     let can_pass_fds = matches!(io, Io::Unix(_));
     Ok((
@@ -357,36 +357,30 @@ impl Runtime for PollRuntime {
     }
 }
 
-/// Weak, so the waker `Shared` keeps does not keep `Shared` alive; once it is gone there is no
-/// task left to wake.
-struct PipeWaker(Weak<Shared>);
+/// A waker of a connection's: `wake` applied to its [`Shared`]. Weak, so the wakers `Shared`
+/// keeps do not keep it alive; once it is gone there is nothing left to wake.
+struct SharedWaker {
+    shared: Weak<Shared>,
+    wake: fn(&Shared),
+}
 
-impl Wake for PipeWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.wake();
-        }
+impl SharedWaker {
+    fn waker(shared: &Weak<Shared>, wake: fn(&Shared)) -> Waker {
+        Waker::from(Arc::new(Self {
+            shared: Weak::clone(shared),
+            wake,
+        }))
     }
 }
 
-/// Wakes the leading call of a connection (see [`Shared::lead`]).
-struct LeadWaker(Weak<Shared>);
-
-impl Wake for LeadWaker {
+impl Wake for SharedWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.lead_woken.store(true, Ordering::SeqCst);
-            if shared.lead_sleeping.load(Ordering::SeqCst) {
-                let _ = (&shared.lead_tx).write(&[1]);
-            }
+        if let Some(shared) = self.shared.upgrade() {
+            (self.wake)(&shared);
         }
     }
 }
@@ -397,6 +391,14 @@ const ASSIST_ROUNDS: usize = 4;
 
 impl Shared {
     /// Wakes the connection's task: notes it for an assisting caller, or wakes the thread.
+    /// Wakes the leading call of the connection (see [`Shared::lead`]).
+    fn wake_leader(&self) {
+        self.lead_woken.store(true, Ordering::SeqCst);
+        if self.lead_sleeping.load(Ordering::SeqCst) {
+            let _ = (&self.lead_tx).write(&[1]);
+        }
+    }
+
     fn wake(&self) {
         if self.assisting.load(Ordering::SeqCst) {
             self.assist_dirty.store(true, Ordering::SeqCst);
