@@ -417,7 +417,7 @@ pub struct Qsd {
 }
 
 impl Qsd {
-    /// Starts a daemon listening on a QMP socket (`server=on`); waits until the socket exists.
+    /// Starts a daemon listening on a QMP socket (`server=on`); waits until it is ready.
     pub fn start() -> Self {
         Self::start_with(false)
     }
@@ -443,7 +443,7 @@ impl Qsd {
             socket,
             more: Vec::new(),
         };
-        qsd.wait_for_socket();
+        qsd.wait_until_ready();
         qsd
     }
 
@@ -471,9 +471,7 @@ impl Qsd {
             socket,
             more: sockets.collect(),
         };
-        for s in qsd.sockets() {
-            wait_until_listening(s, "qemu-storage-daemon");
-        }
+        qsd.wait_until_ready();
         qsd
     }
 
@@ -496,8 +494,19 @@ impl Qsd {
         }
     }
 
-    fn wait_for_socket(&self) {
-        wait_until_listening(&self.socket, "qemu-storage-daemon");
+    /// Waits until the daemon is ready for clients: its pid file, which it writes once every
+    /// chardev and monitor is set up (an ordering QEMU documents). Its sockets listen earlier;
+    /// a client that connected in between was sometimes never greeted, or dropped.
+    fn wait_until_ready(&self) {
+        let pidfile = self.dir.path().join(QSD_PIDFILE);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&pidfile).map_or(true, |m| m.len() == 0) {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon was not ready within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The QMP socket path.
@@ -525,10 +534,14 @@ impl Qsd {
 /// The daemon's standard error, kept in its scratch dir.
 const QSD_STDERR: &str = "qemu-storage-daemon.stderr";
 
+/// The daemon's pid file, in its scratch dir: written once its chardevs and monitors exist.
+const QSD_PIDFILE: &str = "qemu-storage-daemon.pid";
+
 fn spawn_qsd(dir: &Path, monitors: &[(String, String)]) -> Child {
     let program = require("qemu-storage-daemon", "qemu-utils");
     let stderr = std::fs::File::create(dir.join(QSD_STDERR)).expect("a file for its stderr");
     let mut cmd = Command::new(program);
+    cmd.arg("--pidfile").arg(dir.join(QSD_PIDFILE));
     for (chardev, monitor) in monitors {
         cmd.args(["--chardev", chardev, "--monitor", monitor]);
     }

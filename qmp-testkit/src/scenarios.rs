@@ -82,12 +82,12 @@ pub async fn qemu_handshake(a: &'static dyn Adapter) {
         let client = a
             .connect(qsd.socket().to_owned(), Options::new().config(config))
             .await
-            .expect("connect");
+            .unwrap_or_else(|e| panic!("connect, oob {enable}: {e:?}"));
         assert_eq!(client.oob_enabled(), enable);
         let version = client
             .execute("query-version", ())
             .await
-            .expect("query-version");
+            .unwrap_or_else(|e| panic!("query-version, oob {enable}: {e:?}"));
         assert_eq!(version["qemu"]["major"], client.greeting().version.major);
         client.disconnect().await;
         assert!(matches!(client.closed().await, Disconnect::Local));
