@@ -160,13 +160,16 @@ pub(crate) struct SpawnedQsd {
 }
 
 impl SpawnedQsd {
-    /// Starts the daemon and waits (up to `timeout`) for its socket to appear.
+    /// Starts the daemon and waits (up to `timeout`) until it is ready for clients.
     pub(crate) fn start(timeout: Duration) -> std::io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("qmp-cli-").tempdir()?;
         let socket = dir.path().join("qmp.sock");
         let chardev = format!("socket,path={},server=on,wait=off,id=m", socket.display());
+        let pidfile = dir.path().join("qsd.pid");
         let child = Command::new("qemu-storage-daemon")
             .args(["--chardev", &chardev, "--monitor", "chardev=m"])
+            .arg("--pidfile")
+            .arg(&pidfile)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -179,9 +182,10 @@ impl SpawnedQsd {
             _dir: dir,
         };
         let deadline = Instant::now() + timeout;
-        // The socket file appears at bind(), a moment before listen(): probe until a connect
-        // succeeds (the monitor takes the next client once this probe hangs up).
-        while std::os::unix::net::UnixStream::connect(&qsd.socket).is_err() {
+        // Ready once it has written its pid file, which QEMU documents it does after setting up
+        // every chardev and monitor (its socket listens earlier; a client that connects in
+        // between is not always served).
+        while std::fs::metadata(&pidfile).map_or(true, |m| m.len() == 0) {
             if let Some(status) = qsd.child.try_wait()? {
                 return Err(std::io::Error::other(format!(
                     "qemu-storage-daemon exited early ({status})"
@@ -190,7 +194,7 @@ impl SpawnedQsd {
             if Instant::now() > deadline {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "qemu-storage-daemon did not listen on its socket in time",
+                    "qemu-storage-daemon was not ready in time",
                 ));
             }
             std::thread::sleep(Duration::from_millis(10));

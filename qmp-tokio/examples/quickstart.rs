@@ -135,8 +135,11 @@ impl Daemon {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("qmp.sock");
         let chardev = format!("socket,path={},server=on,wait=off,id=m", socket.display());
+        let pidfile = dir.path().join("qsd.pid");
         let child = Command::new("qemu-storage-daemon")
             .args(["--chardev", &chardev, "--monitor", "chardev=m"])
+            .arg("--pidfile")
+            .arg(&pidfile)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -147,11 +150,12 @@ impl Daemon {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        // The socket file appears at bind(), a moment before listen(): probe until a connect
-        // succeeds (the monitor takes the next client once this probe hangs up).
-        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+        // Ready once it has written its pid file, which QEMU documents it does after setting up
+        // every chardev and monitor (its socket listens earlier; a client that connects in
+        // between is not always served).
+        while std::fs::metadata(&pidfile).map_or(true, |m| m.len() == 0) {
             if Instant::now() > deadline {
-                return Err("qemu-storage-daemon did not listen on its socket".into());
+                return Err("qemu-storage-daemon was not ready within 10 s".into());
             }
             std::thread::sleep(Duration::from_millis(5));
         }
