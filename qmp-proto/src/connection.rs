@@ -1,6 +1,6 @@
 //! The state machine of one QMP connection.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::time::Instant;
 
@@ -13,6 +13,7 @@ use crate::error::{
 use crate::framing::{FrameError, JsonSplitter};
 use crate::ids::{NEGOTIATION_ID, WireIds};
 use crate::message::{Event, Greeting, QmpError, RawJson, Timestamp, Unmatched};
+use crate::pending::Pending;
 use crate::transmit::{Transmit, TransmitBuf};
 use crate::wire::{self, Members};
 
@@ -156,7 +157,7 @@ struct Session {
     greeting: Option<Greeting>,
     oob: bool,
     next_id: u64,
-    pending: BTreeMap<u64, Entry>,
+    pending: Pending<Entry>,
     /// Which pending request each id on the wire belongs to.
     wire_ids: WireIds,
     /// Queued requests in submission order: all of them before `Ready`, then in-band ones
@@ -244,7 +245,7 @@ impl Connection {
                 greeting: None,
                 oob: false,
                 next_id: NEGOTIATION_ID + 1,
-                pending: BTreeMap::new(),
+                pending: Pending::default(),
                 wire_ids: WireIds::default(),
                 queue: VecDeque::new(),
                 deadlines: BTreeSet::new(),
@@ -366,7 +367,7 @@ impl Connection {
     /// assert_eq!(conn.wire_id(b), Some(1));
     /// ```
     pub fn wire_id(&self, id: RequestId) -> Option<u64> {
-        self.session.pending.get(&id.0).and_then(|e| e.wire)
+        self.session.pending.get(id.0).and_then(|e| e.wire)
     }
 
     /// Requests waiting to be written (before the handshake, or for a window slot).
@@ -394,7 +395,7 @@ impl Connection {
         let queued = self
             .session
             .pending
-            .get(&id.0)
+            .get(id.0)
             .is_some_and(|e| matches!(e.stage, Stage::Queued { fds: true, .. }));
         queued || self.session.transmit.has_mark(id)
     }
@@ -725,7 +726,7 @@ impl Session {
         // without OOB they cannot be sent at all.
         let queued: Vec<u64> = self.queue.iter().copied().collect();
         for id in queued {
-            if !self.pending.get(&id).is_some_and(|e| e.oob) {
+            if !self.pending.get(id).is_some_and(|e| e.oob) {
                 continue;
             }
             self.queue.retain(|&q| q != id);
@@ -783,7 +784,7 @@ impl Session {
                 .pending
                 .iter()
                 .find(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
-                .map(|(&id, _)| id),
+                .map(|(id, _)| id),
             None => None,
         }
     }
@@ -792,7 +793,7 @@ impl Session {
     /// a request not yet written is a forgery or a stray, not an answer.
     fn awaits(&self, id: u64) -> bool {
         self.pending
-            .get(&id)
+            .get(id)
             .is_some_and(|e| !matches!(e.stage, Stage::Queued { .. }))
     }
 
@@ -947,7 +948,7 @@ impl Session {
 
     /// Moves a queued request's bytes to the transmit buffer.
     fn write(&mut self, id: u64) {
-        let Some(e) = self.pending.get_mut(&id) else {
+        let Some(e) = self.pending.get_mut(id) else {
             return;
         };
         let Stage::Queued { bytes, fds } = std::mem::replace(&mut e.stage, Stage::InFlight) else {
@@ -968,7 +969,7 @@ impl Session {
 
     /// Forgets request `id`: its entry, deadline and wire id.
     fn remove(&mut self, id: u64) -> Option<Entry> {
-        let e = self.pending.remove(&id)?;
+        let e = self.pending.remove(id)?;
         if let Some(at) = e.deadline {
             self.deadlines.remove(&(at, id));
         }
@@ -992,13 +993,13 @@ impl Session {
     /// Stops waiting for request `id` without outputting anything. Returns what it was, or
     /// `None` if unknown or already abandoned.
     fn abandon(&mut self, id: u64) -> Option<Abandoned> {
-        let e = self.pending.get_mut(&id)?;
+        let e = self.pending.get_mut(id)?;
         if let Some(at) = e.deadline.take() {
             self.deadlines.remove(&(at, id));
         }
         match e.stage {
             Stage::Queued { .. } => {
-                self.pending.remove(&id);
+                self.pending.remove(id);
                 self.queue.retain(|&q| q != id);
                 Some(Abandoned::Unwritten)
             }
@@ -1078,7 +1079,7 @@ impl Session {
             .pending
             .iter()
             .filter(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
-            .map(|(&id, _)| id)
+            .map(|(id, _)| id)
             .collect();
         for id in in_flight {
             let Some(e) = self.remove(id) else {
@@ -1117,7 +1118,7 @@ impl Session {
         if let Some(agent) = &mut self.agent {
             agent.syncing = None;
         }
-        for (id, e) in std::mem::take(&mut self.pending) {
+        for (id, e) in std::mem::take(&mut self.pending).into_entries() {
             let result = match e.stage {
                 Stage::Abandoned => continue,
                 // The guest went down, as it does when such a command succeeds.

@@ -82,6 +82,7 @@ mod error;
 pub mod framing;
 mod ids;
 mod message;
+mod pending;
 mod scan;
 mod transmit;
 mod wire;
