@@ -201,6 +201,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             }
             self.yielding = None;
         }
+        self.shared.hub.refresh(&mut self.hub_view);
         for _ in 0..BUDGET {
             let mut progress = self.poll_requests(cx);
             progress |= self.poll_write(cx);

@@ -286,18 +286,7 @@ impl Hub {
     /// event. Returns whether a subscriber's queue is half full or more: the driver then lets
     /// other tasks (the subscribers) run before it reads on.
     pub(crate) fn publish(&self, view: &mut HubView, event: Event, wakes: &mut Vec<Waker>) -> bool {
-        // Read before the list: a subscription dropped during the refresh bumps it again, so the
-        // next event refreshes once more.
-        let generation = self.generation.load(Ordering::Acquire);
-        if generation != view.generation {
-            // Dropped subscriptions took themselves out of the list (`unsubscribed`).
-            let fresh = lock(&self.subscribers).clone();
-            let old = std::mem::replace(&mut view.subscribers, fresh);
-            view.generation = generation;
-            // Outside the lock: dropping a filter drops what its predicate captured, whose own
-            // `Drop` may subscribe.
-            drop(old);
-        }
+        self.refresh(view);
         // Clone for all matches but the last, which takes the event itself.
         let mut last: Option<&Arc<Subscriber>> = None;
         let mut pressure = false;
@@ -310,6 +299,26 @@ impl Hub {
             pressure |= sub.push(event, wakes);
         }
         pressure
+    }
+
+    /// Brings the driver's view up to date if a subscriber came or went. The driver also calls
+    /// this whenever it is woken, and a dropped subscription wakes it: the filter it held (and
+    /// whatever its predicate captured) is let go of at once, not at the next event, which may
+    /// be hours away.
+    pub(crate) fn refresh(&self, view: &mut HubView) {
+        // Read before the list: a subscription dropped during the refresh bumps it again, so the
+        // next refresh runs once more.
+        let generation = self.generation.load(Ordering::Acquire);
+        if generation == view.generation {
+            return;
+        }
+        // Dropped subscriptions took themselves out of the list (`unsubscribed`).
+        let fresh = lock(&self.subscribers).clone();
+        let old = std::mem::replace(&mut view.subscribers, fresh);
+        view.generation = generation;
+        // Outside the lock: dropping a filter drops what its predicate captured, whose own
+        // `Drop` may subscribe.
+        drop(old);
     }
 
     /// Ends every subscription's stream (after what is queued) and any made later.
@@ -388,6 +397,8 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.sub.unsubscribe();
         self.shared.hub.unsubscribed();
+        // The connection's task may hold this subscription's filter in its view of the list.
+        self.shared.calls.wake_task();
     }
 }
 

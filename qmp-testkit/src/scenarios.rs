@@ -744,6 +744,9 @@ pub async fn fake_raw_commands_and_patterns(a: &'static dyn Adapter) {
         c.reply(&emit.command, json!({}));
         c.event("A", json!({}));
         c.event("B", json!({}));
+        let tick = c.expect("tick");
+        c.reply(&tick.command, json!({}));
+        c.event("T", json!({}));
         c.serve_forever();
     });
     let client = connect(a, &server).await;
@@ -785,6 +788,30 @@ pub async fn fake_raw_commands_and_patterns(a: &'static dyn Adapter) {
         .await
         .expect("B, to the subscription made while A was matched");
     assert_eq!(got.name, "B");
+
+    // A dropped subscription's filter is let go of at once, not at the next event (which may be
+    // hours away): what its predicate captured is freed.
+    let token = Arc::new(());
+    let held = Arc::downgrade(&token);
+    let mut sub = client.subscribe(EventFilter::name("T").predicate(move |_| {
+        let _ = &token;
+        true
+    }));
+    client.execute("tick", ()).await.expect("tick");
+    // Matched, so the connection's task has the filter.
+    sub.recv_timeout(Duration::from_secs(5)).await.expect("T");
+    drop(sub);
+    for _ in 0..500 {
+        if held.strong_count() == 0 {
+            break;
+        }
+        a.sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        held.strong_count(),
+        0,
+        "a dropped subscription's filter is still held"
+    );
     let _: Value = client
         .execute("query-version", ())
         .await

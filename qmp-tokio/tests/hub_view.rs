@@ -10,7 +10,7 @@ use std::time::Duration;
 use qmp_tokio::{EventFilter, Options};
 use serde_json::json;
 
-/// Captured by a predicate: dropped by the driver (under the hub lock) when it refreshes its view
+/// Captured by a predicate: dropped by the driver when it refreshes its view
 /// after the subscription went away. Holds that refresh until told to go on.
 struct SlowDrop {
     started: Mutex<Sender<()>>,
