@@ -388,3 +388,44 @@ fn decode_value_delivers_parsed_values_and_falls_back_to_text() {
         assert_eq!(it.next(), None);
     }
 }
+
+/// One request left unanswered while thousands of later ones complete (as with a long in-band
+/// command and OOB commands streaming past it): every response still finds its request, the
+/// late one included, and the table of pending requests stays consistent.
+#[test]
+fn a_request_left_behind_by_thousands_is_still_answered() {
+    let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
+    let slow = pair.execute("slow");
+    pair.drive();
+    let slow_cmd = pair.server.next_command().unwrap();
+    for i in 0..5000_u64 {
+        let id = pair.send(Command::new("exec").oob());
+        if i % 7 == 0 {
+            // Another straggler, answered a little later.
+            pair.drive();
+            let held = pair.server.next_command().unwrap();
+            let next = pair.send(Command::new("exec").oob());
+            pair.drive();
+            let cmd = pair.server.next_command().unwrap();
+            pair.server.reply(&cmd, json!(i));
+            pair.server.reply(&held, json!(i));
+            pair.drive();
+            let got = pair.take_outputs();
+            assert_eq!(got.len(), 2, "{got:?}");
+            assert!(matches!(&got[0], Output::Response { id: r, .. } if *r == next));
+            assert!(matches!(&got[1], Output::Response { id: r, .. } if *r == id));
+            continue;
+        }
+        pair.drive();
+        let cmd = pair.server.next_command().unwrap();
+        pair.server.reply(&cmd, json!(i));
+        pair.drive();
+        assert_eq!(pair.responses(), [(id, Ok(json!(i)))]);
+        pair.outputs.clear();
+        assert_eq!(pair.client.pending(), 1);
+    }
+    pair.server.reply(&slow_cmd, json!("at last"));
+    pair.drive();
+    assert_eq!(pair.responses(), [(slow, Ok(json!("at last")))]);
+    assert_eq!(pair.client.pending(), 0);
+}
