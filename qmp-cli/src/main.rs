@@ -282,7 +282,7 @@ pub(crate) fn report(e: &Error) -> u8 {
 /// The exit code for an error.
 pub(crate) fn exit_code(e: &Error) -> u8 {
     match e {
-        Error::Timeout => EXIT_TIMEOUT,
+        Error::Timeout | Error::NoGreeting => EXIT_TIMEOUT,
         Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => EXIT_TIMEOUT,
         Error::Disconnected(_) | Error::Io(_) | Error::Protocol(_) => EXIT_CONNECTION,
         _ => EXIT_FAILED,

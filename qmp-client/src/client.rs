@@ -168,6 +168,8 @@ pub(crate) struct Shared {
     pub(crate) hub: Hub,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) oob: AtomicBool,
+    /// The server's greeting arrived.
+    pub(crate) greeted: AtomicBool,
     can_pass_fds: bool,
     event_buffer: usize,
     closed: Mutex<(Option<Disconnect>, Vec<Waker>)>,
@@ -273,11 +275,14 @@ impl Client {
         conn: Connection,
     ) -> Result<Self, Error> {
         let (ready_tx, ready_rx) = oneshot::channel();
+        // A guest agent never greets: it is synced with instead.
+        let greets = conn.state() == qmp_proto::State::AwaitingGreeting;
         let shared = Arc::new(Shared {
             calls: Calls::default(),
             hub: Hub::default(),
             runtime: Arc::clone(&runtime),
             oob: AtomicBool::new(false),
+            greeted: AtomicBool::new(false),
             can_pass_fds: io.can_pass_fds(),
             event_buffer: options.event_buffer,
             closed: Mutex::new((None, Vec::new())),
@@ -296,6 +301,7 @@ impl Client {
         }
         // Dropping `handle` on timeout or error ends the driver and closes the socket.
         match race(ready_rx, runtime.sleep(options.connect_timeout)).await {
+            None if greets && !shared.greeted.load(Ordering::Acquire) => Err(Error::NoGreeting),
             None => Err(Error::Timeout),
             Some(Err(oneshot::Canceled)) => Err(Error::Disconnected(shared.disconnect_reason())),
             Some(Ok(Err(e))) => Err(e),

@@ -434,6 +434,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         while let Some(output) = self.conn.poll_output() {
             match output {
                 Output::Greeting(g) => {
+                    self.shared.greeted.store(true, Ordering::Release);
                     tracing::debug!(version = %g.version, capabilities = ?g.capabilities, "greeting")
                 }
                 Output::Ready { oob } => {

@@ -74,7 +74,8 @@ fn oob() -> Options {
 
 // --- Real qemu-storage-daemon ------------------------------------------------------------------
 
-/// Handshake with and without OOB, `query-version`, a clean disconnect.
+/// Handshake with and without OOB, `query-version`, a clean disconnect; a second client is not
+/// greeted while a first stays connected.
 pub async fn qemu_handshake(a: &'static dyn Adapter) {
     let qsd = Qsd::start();
     for enable in [true, false] {
@@ -92,6 +93,26 @@ pub async fn qemu_handshake(a: &'static dyn Adapter) {
         client.disconnect().await;
         assert!(matches!(client.closed().await, Disconnect::Local));
     }
+
+    // A monitor serves one client at a time: a second one is not greeted while the first stays,
+    // and connecting says so; once the first leaves, the next is served.
+    let first = a
+        .connect(qsd.socket().to_owned(), Options::new())
+        .await
+        .expect("first client");
+    let second = a
+        .connect(
+            qsd.socket().to_owned(),
+            Options::new().connect_timeout(Duration::from_millis(500)),
+        )
+        .await;
+    assert!(matches!(second, Err(Error::NoGreeting)), "{second:?}");
+    first.disconnect().await;
+    let next = a
+        .connect(qsd.socket().to_owned(), Options::new())
+        .await
+        .expect("the next client, once the first left");
+    next.execute("query-version", ()).await.expect("served");
 }
 
 /// Error classes, typed results, `blockdev-add`, introspection.
@@ -621,7 +642,7 @@ pub async fn fake_timeouts(a: &'static dyn Adapter) {
 }
 
 /// Lifecycle: disconnect fails waiting calls and ends subscriptions; dropping the last handle
-/// closes the socket; a server that never greets makes connect time out.
+/// closes the socket; a server that never greets makes connect time out, and says so.
 pub async fn fake_lifecycle(a: &'static dyn Adapter) {
     let server = FakeServer::start(|c| {
         c.handshake();
@@ -683,7 +704,14 @@ pub async fn fake_lifecycle(a: &'static dyn Adapter) {
 
     let mute = FakeServer::start(|c| while c.recv().is_some() {});
     let options = Options::new().connect_timeout(Duration::from_millis(300));
-    let result = a.connect(mute.path().to_owned(), options).await;
+    let result = a.connect(mute.path().to_owned(), options.clone()).await;
+    assert!(matches!(result, Err(Error::NoGreeting)), "{result:?}");
+    // Greeted, but `qmp_capabilities` is never answered: a plain timeout.
+    let stuck = FakeServer::start(|c| {
+        c.greet(false);
+        while c.recv().is_some() {}
+    });
+    let result = a.connect(stuck.path().to_owned(), options).await;
     assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
 }
 

@@ -52,7 +52,9 @@ pub use qmp_client::{
 };
 
 /// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),
-/// and completes the handshake, all within [`Options::connect_timeout`].
+/// and completes the handshake, all within [`Options::connect_timeout`]. A QEMU monitor serves one
+/// client at a time: while another is connected, no greeting comes, and this fails with
+/// [`Error::NoGreeting`] when the timeout passes.
 pub async fn connect(address: impl Into<Address>, options: Options) -> Result<Client, Error> {
     let (stream, options) = open(address.into(), options).await?;
     start(stream, options).await
