@@ -128,7 +128,7 @@ async fn open(address: Address, options: Options) -> Result<(Stream, Options), E
     };
     let stream = match connecting.or(timeout).await {
         Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Error::Timeout),
-        other => other?,
+        other => other.map_err(|e| address.connect_error(e))?,
     };
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
     Ok((stream, options))

@@ -134,21 +134,34 @@ pub fn connect_guest_agent(
 fn open(address: Address, options: Options) -> Result<(Io, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
-    let stream = match address {
-        Address::Unix(path) => Io::Unix(UnixStream::connect(path)?),
+    let connect = || match &address {
+        Address::Unix(path) => UnixStream::connect(path).map(Io::Unix),
         Address::Tcp(hostport) => {
-            let addr = hostport
-                .to_socket_addrs()?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, hostport.clone()))?;
-            let s = TcpStream::connect_timeout(&addr, deadline).map_err(|e| match e.kind() {
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Error::Timeout,
-                _ => e.into(),
+            let addr = hostport.to_socket_addrs()?.next().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no address for {hostport}"),
+                )
             })?;
+            let s = TcpStream::connect_timeout(&addr, deadline)?;
             s.set_nodelay(true)?;
-            Io::Tcp(s)
+            Ok(Io::Tcp(s))
         }
-        other => return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{other}")).into()),
+        other => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{other}"),
+        )),
+    };
+    let stream = match connect() {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ) =>
+        {
+            return Err(Error::Timeout);
+        }
+        other => other.map_err(|e| address.connect_error(e))?,
     };
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
     Ok((stream, options))

@@ -238,10 +238,13 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> u8 {
     let peer = match runtime.block_on(peer::connect(&spec)) {
         Ok(peer) => peer,
         Err(e) => {
-            let what = match &spec.target {
-                Target::Connect(a) | Target::Listen(a) => a,
-            };
-            warn!("qmp: cannot connect to {what}: {e}");
+            match (&spec.target, &e) {
+                // Its message names the address already.
+                (Target::Connect(_), Error::Io(_)) => warn!("qmp: {e}"),
+                (Target::Connect(a) | Target::Listen(a), _) => {
+                    warn!("qmp: cannot connect to {a}: {e}")
+                }
+            }
             return exit_code(&e);
         }
     };

@@ -123,6 +123,28 @@ impl From<SocketAddr> for Address {
     }
 }
 
+impl Address {
+    /// `e`, from connecting to this address, with the address in its message ("cannot connect to
+    /// unix:/run/vm1.qmp: No such file or directory"). Its kind is kept and `e` is its source, so
+    /// `ErrorKind::NotFound` and the like still match. For adapters.
+    pub fn connect_error(&self, e: io::Error) -> io::Error {
+        io::Error::new(
+            e.kind(),
+            ConnectError {
+                address: self.to_string(),
+                source: e,
+            },
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to {address}: {source}")]
+struct ConnectError {
+    address: String,
+    source: io::Error,
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -642,7 +642,8 @@ pub async fn fake_timeouts(a: &'static dyn Adapter) {
 }
 
 /// Lifecycle: disconnect fails waiting calls and ends subscriptions; dropping the last handle
-/// closes the socket; a server that never greets makes connect time out, and says so.
+/// closes the socket; a server that never greets makes connect time out, and says so; a
+/// missing socket is an I/O error that names it.
 pub async fn fake_lifecycle(a: &'static dyn Adapter) {
     let server = FakeServer::start(|c| {
         c.handshake();
@@ -713,6 +714,19 @@ pub async fn fake_lifecycle(a: &'static dyn Adapter) {
     });
     let result = a.connect(stuck.path().to_owned(), options).await;
     assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
+
+    // Nothing listening: an I/O error of the usual kind, whose message names the address.
+    let missing = stuck.path().with_file_name("no-such.sock");
+    match a.connect(missing.clone(), Options::new()).await {
+        Err(Error::Io(e)) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+            let message = e.to_string();
+            assert!(message.contains(&*missing.to_string_lossy()), "{message}");
+            let source = std::error::Error::source(&e).expect("the original error");
+            assert!(source.to_string().contains("os error"), "{source}");
+        }
+        other => panic!("connecting to a missing socket: {other:?}"),
+    }
 }
 
 /// Handshake failures are protocol errors that say what went wrong.

@@ -104,7 +104,8 @@ async fn open(address: Address, options: Options) -> Result<(Stream, Options), E
         }
     })
     .await
-    .map_err(|_| Error::Timeout)??;
+    .map_err(|_| Error::Timeout)?
+    .map_err(|e| address.connect_error(e))?;
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
     Ok((stream, options))
 }
