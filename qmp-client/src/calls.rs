@@ -141,12 +141,12 @@ impl Calls {
         drop(old);
     }
 
-    /// The client handles are all gone: the task closes the connection.
     /// Wakes the connection's task, to look at something other than requests.
     pub(crate) fn wake_task(&self) {
         wake_task(self.lock());
     }
 
+    /// The client handles are all gone: the task closes the connection.
     pub(crate) fn orphan(&self) {
         let mut inner = self.lock();
         inner.orphaned = true;

@@ -201,9 +201,11 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             }
             self.yielding = None;
         }
-        self.shared.hub.refresh(&mut self.hub_view);
         for _ in 0..BUDGET {
             let mut progress = self.poll_requests(cx);
+            // After `poll_requests` has registered this task's waker: a subscription dropped
+            // after this refresh then wakes the task (see `Subscription`'s `Drop`).
+            self.shared.hub.refresh(&mut self.hub_view);
             progress |= self.poll_write(cx);
             progress |= self.poll_read(cx);
             progress |= self.poll_timer(cx);

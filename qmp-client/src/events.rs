@@ -270,10 +270,11 @@ impl Hub {
             }
             !dropped
         });
-        self.changed();
-        // Outside the lock: dropping a filter drops what its predicate captured, whose own
-        // `Drop` may subscribe.
+        // Outside the lock, since dropping a filter drops what its predicate captured, whose own
+        // `Drop` may subscribe; and before the change is announced, so that if the connection's
+        // task holds the filter too, the task is the one to drop it.
         drop(gone);
+        self.changed();
     }
 
     fn changed(&self) {
@@ -306,19 +307,21 @@ impl Hub {
     /// whatever its predicate captured) is let go of at once, not at the next event, which may
     /// be hours away.
     pub(crate) fn refresh(&self, view: &mut HubView) {
-        // Read before the list: a subscription dropped during the refresh bumps it again, so the
-        // next refresh runs once more.
-        let generation = self.generation.load(Ordering::Acquire);
-        if generation == view.generation {
-            return;
+        loop {
+            // Read before the list: a subscription dropped meanwhile bumps it again, and the loop
+            // goes round once more (so does one dropped by the filters this refresh lets go of).
+            let generation = self.generation.load(Ordering::Acquire);
+            if generation == view.generation {
+                return;
+            }
+            // Dropped subscriptions took themselves out of the list (`unsubscribed`).
+            let fresh = lock(&self.subscribers).clone();
+            let old = std::mem::replace(&mut view.subscribers, fresh);
+            view.generation = generation;
+            // Outside the lock: dropping a filter drops what its predicate captured, whose own
+            // `Drop` may subscribe.
+            drop(old);
         }
-        // Dropped subscriptions took themselves out of the list (`unsubscribed`).
-        let fresh = lock(&self.subscribers).clone();
-        let old = std::mem::replace(&mut view.subscribers, fresh);
-        view.generation = generation;
-        // Outside the lock: dropping a filter drops what its predicate captured, whose own
-        // `Drop` may subscribe.
-        drop(old);
     }
 
     /// Ends every subscription's stream (after what is queued) and any made later.
@@ -339,26 +342,30 @@ impl Hub {
 /// [`Options::event_buffer`](crate::Options::event_buffer) events), and ends when the
 /// connection closes. Dropping it unsubscribes.
 pub struct Subscription {
-    sub: Arc<Subscriber>,
+    /// `None` only while it is dropped.
+    sub: Option<Arc<Subscriber>>,
     shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
-            .field("filter", &self.sub.filter)
+            .field("filter", &self.sub.as_ref().map(|s| &s.filter))
             .finish_non_exhaustive()
     }
 }
 
 impl Subscription {
     pub(crate) fn new(sub: Arc<Subscriber>, shared: Arc<Shared>) -> Self {
-        Self { sub, shared }
+        Self {
+            sub: Some(sub),
+            shared,
+        }
     }
 
     /// The next item, or `None` once the connection has closed and the queue is empty.
     pub async fn recv(&mut self) -> Option<EventItem> {
-        std::future::poll_fn(|cx| self.sub.poll_next(cx)).await
+        std::future::poll_fn(|cx| self.poll_item(cx)).await
     }
 
     /// The next event within `timeout`: [`Error::Timeout`] if none came,
@@ -393,11 +400,28 @@ impl Subscription {
     }
 }
 
+impl Subscription {
+    fn poll_item(&self, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
+        match &self.sub {
+            Some(sub) => sub.poll_next(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.sub.unsubscribe();
+        let Some(sub) = self.sub.take() else {
+            return;
+        };
+        sub.unsubscribe();
+        // Our reference goes before the hub changes: the filter, and what its predicate captured,
+        // is then dropped here, or by the connection's task when it next refreshes its view (if
+        // that holds it), not by whichever of the two happens to let go last.
+        drop(sub);
         self.shared.hub.unsubscribed();
-        // The connection's task may hold this subscription's filter in its view of the list.
+        // The task may hold the filter in its view of the list: have it refresh now, not at the
+        // next event, which may be hours away.
         self.shared.calls.wake_task();
     }
 }
@@ -406,6 +430,6 @@ impl Stream for Subscription {
     type Item = EventItem;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<EventItem>> {
-        self.sub.poll_next(cx)
+        self.poll_item(cx)
     }
 }

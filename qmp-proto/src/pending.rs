@@ -10,6 +10,9 @@
 //! bound. So when the window spans more than four times the entries it holds (and more than
 //! [`MIN_SPAN`] slots), its oldest entries move to an ordered side table: memory stays
 //! proportional to the number of pending requests, and each entry moves at most once.
+//!
+//! It is a map for any ids (the unit tests check it against a `BTreeMap`); increasing ones, as a
+//! connection hands out, are the fast path.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -22,7 +25,7 @@ pub(crate) struct Pending<E> {
     /// with `None`.
     window: VecDeque<Option<E>>,
     base: u64,
-    /// Entries older than `base`.
+    /// Entries older than `base` (all of them are, always).
     stragglers: BTreeMap<u64, E>,
     len: usize,
 }
@@ -45,17 +48,23 @@ impl<E> Pending<E> {
 
     /// Adds (or replaces) the entry for `id`. Ids above every id in the table are the fast path.
     pub(crate) fn insert(&mut self, id: u64, entry: E) {
-        if self.window.is_empty() {
+        if self.window.is_empty()
+            && self
+                .stragglers
+                .last_key_value()
+                .is_none_or(|(&k, _)| k < id)
+        {
             self.base = id;
         }
-        let end = self.end();
         if id < self.base {
             if self.stragglers.insert(id, entry).is_none() {
                 self.len += 1;
             }
             return;
         }
-        if id >= end && id - end > (MIN_SPAN as u64).max(4 * self.len as u64) {
+        // Offsets from `base`, not ids past the window's end: those could overflow at the top.
+        let gap = (id - self.base).saturating_sub(self.window.len() as u64);
+        if gap > (MIN_SPAN as u64).max(4 * self.len as u64) {
             // Far ahead of the window: everything in it becomes a straggler.
             self.retire_all();
             self.base = id;
@@ -101,7 +110,7 @@ impl<E> Pending<E> {
 
     /// Every entry, in id order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &E)> {
-        let window = (self.window.iter().zip(self.base..))
+        let window = (self.window.iter().zip(self.base..=u64::MAX))
             .filter_map(|(slot, id)| Some((id, slot.as_ref()?)));
         self.stragglers.iter().map(|(&id, e)| (id, e)).chain(window)
     }
@@ -114,18 +123,14 @@ impl<E> Pending<E> {
             stragglers,
             ..
         } = self;
-        let window = (window.into_iter().zip(base..)).filter_map(|(slot, id)| Some((id, slot?)));
+        let window =
+            (window.into_iter().zip(base..=u64::MAX)).filter_map(|(slot, id)| Some((id, slot?)));
         stragglers.into_iter().chain(window)
     }
 
-    fn end(&self) -> u64 {
-        self.base + self.window.len() as u64
-    }
-
     fn index(&self, id: u64) -> Option<usize> {
-        (self.base..self.end())
-            .contains(&id)
-            .then(|| (id - self.base) as usize)
+        let offset = id.checked_sub(self.base)?;
+        (offset < self.window.len() as u64).then_some(offset as usize)
     }
 
     /// Keeps the window within four times the entries it holds, retiring its oldest entries.
@@ -146,21 +151,25 @@ impl<E> Pending<E> {
 
     /// Moves every entry of the window to `stragglers`.
     fn retire_all(&mut self) {
-        for (slot, id) in self.window.drain(..).zip(self.base..) {
+        for (slot, id) in self.window.drain(..).zip(self.base..=u64::MAX) {
             if let Some(entry) = slot {
                 self.stragglers.insert(id, entry);
             }
         }
     }
 
-    /// Drops answered slots at both ends.
+    /// Drops answered slots at both ends, and the memory of a burst once the window is empty.
     fn trim(&mut self) {
+        // The back first: the front then has a later entry behind it, so `base` stays in range.
+        while let Some(None) = self.window.back() {
+            self.window.pop_back();
+        }
         while let Some(None) = self.window.front() {
             self.window.pop_front();
             self.base += 1;
         }
-        while let Some(None) = self.window.back() {
-            self.window.pop_back();
+        if self.window.is_empty() && self.window.capacity() > 4 * MIN_SPAN {
+            self.window.shrink_to(MIN_SPAN);
         }
     }
 }
@@ -187,7 +196,10 @@ mod tests {
                 let want: Vec<(u64, u64)> = model.iter().map(|(&id, &e)| (id, e)).collect();
                 assert_eq!(got, want);
             }
-            for probe in [id, id.wrapping_sub(1), id + 1] {
+            assert!(!matches!(table.window.front(), Some(None)));
+            assert!(!matches!(table.window.back(), Some(None)));
+            assert!(table.stragglers.keys().all(|&k| k < table.base));
+            for probe in [id, id.wrapping_sub(1), id.wrapping_add(1)] {
                 assert_eq!(table.get(probe), model.get(&probe));
             }
         }
@@ -234,6 +246,59 @@ mod tests {
             (false, 7),
             (false, 101),
         ]);
+    }
+
+    #[test]
+    fn an_id_below_the_stragglers_after_the_window_empties() {
+        check(&[
+            (true, 0),
+            (true, 100),
+            (true, 300),
+            (false, 300),
+            (true, 50),
+            (true, 100),
+            (true, 400),
+            (false, 0),
+        ]);
+    }
+
+    #[test]
+    fn ids_at_the_top() {
+        let top = u64::MAX;
+        check(&[
+            (true, top - 2),
+            (true, top),
+            (true, top - 1),
+            (false, top - 1),
+            (false, top),
+            (true, top),
+            (false, top - 2),
+            (false, top),
+            (true, top),
+            (true, 5),
+            (false, top),
+        ]);
+    }
+
+    /// Any ids at all, not only increasing ones: still a map.
+    #[test]
+    fn arbitrary_ids() {
+        for seed in 1..200_u64 {
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut ops = Vec::new();
+            for _ in 0..300 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let id = match x % 8 {
+                    0 => u64::MAX - x % 4,
+                    1 => x,
+                    _ => x % 500,
+                };
+                ops.push((x % 3 != 0, id));
+            }
+            check(&ops);
+        }
     }
 
     #[test]

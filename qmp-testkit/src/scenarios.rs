@@ -705,13 +705,15 @@ pub async fn fake_lifecycle(a: &'static dyn Adapter) {
 
     let mute = FakeServer::start(|c| while c.recv().is_some() {});
     let options = Options::new().connect_timeout(Duration::from_millis(300));
-    let result = a.connect(mute.path().to_owned(), options.clone()).await;
+    let result = a.connect(mute.path().to_owned(), options).await;
     assert!(matches!(result, Err(Error::NoGreeting)), "{result:?}");
-    // Greeted, but `qmp_capabilities` is never answered: a plain timeout.
+    // Greeted, but `qmp_capabilities` is never answered: a plain timeout. (Time enough for the
+    // greeting to arrive on a loaded machine.)
     let stuck = FakeServer::start(|c| {
         c.greet(false);
         while c.recv().is_some() {}
     });
+    let options = Options::new().connect_timeout(Duration::from_secs(2));
     let result = a.connect(stuck.path().to_owned(), options).await;
     assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
 

@@ -125,3 +125,104 @@ async fn subscriptions_dropped_between_events_are_released_at_once() {
         );
     }
 }
+
+/// A client whose server answers everything and sends event `E` after each `emit`.
+async fn emitting_client() -> (qmp_testkit::FakeServer, qmp_tokio::Client) {
+    let server = qmp_testkit::FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            c.reply(&r.command, json!({}));
+            if r.name() == "emit" {
+                c.event("E", json!({}));
+            }
+        }
+    });
+    let client = qmp_tokio::connect(server.path(), Options::new())
+        .await
+        .unwrap();
+    (server, client)
+}
+
+/// Waits up to 2 s for `held` to be released.
+async fn released(held: &std::sync::Weak<()>) -> bool {
+    for _ in 0..200 {
+        if held.strong_count() == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// A filter that owns another subscription: dropping the first frees the second's filter too,
+/// although that second drop happens inside the task's refresh (found in review: its wake-up
+/// was lost, the task's waker already taken by the first).
+async fn chained_drop() {
+    let (_server, client) = emitting_client().await;
+    let token = Arc::new(());
+    let held = Arc::downgrade(&token);
+    let inner = client.subscribe(EventFilter::name("E").predicate(move |_| {
+        let _ = &token;
+        true
+    }));
+    let outer = client.subscribe(EventFilter::name("E").predicate(move |_| {
+        let _ = &inner;
+        true
+    }));
+    let mut w = client.subscribe(EventFilter::name("E"));
+    // Both filters are now in the task's view.
+    client.execute("emit", ()).await.unwrap();
+    w.recv_timeout(Duration::from_secs(5)).await.unwrap();
+    drop(outer);
+    assert!(
+        released(&held).await,
+        "the inner subscription's filter is still held"
+    );
+}
+
+#[tokio::test]
+async fn a_subscription_dropped_by_a_dropped_filter_is_released_current_thread() {
+    chained_drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_dropped_by_a_dropped_filter_is_released_multi_thread() {
+    chained_drop().await;
+}
+
+/// Sleeps in its `Drop`, holding up the refresh that drops it.
+struct SlowToDrop;
+
+impl Drop for SlowToDrop {
+    fn drop(&mut self) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A subscription dropped while the task's refresh is busy dropping another is released too
+/// (found in review: its wake-up came before the task had registered a new waker, and was lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_dropped_during_a_slow_refresh_is_released() {
+    let (_server, client) = emitting_client().await;
+    let slow_state = SlowToDrop;
+    let slow = client.subscribe(EventFilter::name("E").predicate(move |_| {
+        let _ = &slow_state;
+        true
+    }));
+    let token = Arc::new(());
+    let held = Arc::downgrade(&token);
+    let s = client.subscribe(EventFilter::name("E").predicate(move |_| {
+        let _ = &token;
+        true
+    }));
+    let mut w = client.subscribe(EventFilter::name("E"));
+    client.execute("emit", ()).await.unwrap();
+    w.recv_timeout(Duration::from_secs(5)).await.unwrap();
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    drop(s);
+    assert!(
+        released(&held).await,
+        "the second subscription's filter is still held"
+    );
+}
