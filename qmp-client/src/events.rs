@@ -180,9 +180,13 @@ impl Subscriber {
     }
 
     fn close(&self) {
-        let mut q = lock(&self.queue);
-        q.closed = true;
-        if let Some(w) = q.waker.take() {
+        let waker = {
+            let mut q = lock(&self.queue);
+            q.closed = true;
+            q.waker.take()
+        };
+        // Outside the lock: waking may run executor code that drops a subscription.
+        if let Some(w) = waker {
             w.wake();
         }
     }
@@ -326,12 +330,18 @@ impl Hub {
 
     /// Ends every subscription's stream (after what is queued) and any made later.
     pub(crate) fn close(&self) {
-        let mut subs = lock(&self.subscribers);
-        self.closed.store(true, Ordering::Release);
-        for sub in subs.drain(..) {
+        let subs = {
+            let mut subs = lock(&self.subscribers);
+            self.closed.store(true, Ordering::Release);
+            std::mem::take(&mut *subs)
+        };
+        self.changed();
+        // Outside the lock: waking a subscriber may run executor code that drops a subscription
+        // (which takes the lock), and dropping a filter drops what its predicate captured.
+        for sub in &subs {
             sub.close();
         }
-        self.changed();
+        drop(subs);
     }
 }
 

@@ -226,3 +226,50 @@ async fn a_subscription_dropped_during_a_slow_refresh_is_released() {
         "the second subscription's filter is still held"
     );
 }
+
+/// A waker whose `wake` drops a subscription, as an executor may when the task it wakes is gone.
+struct DropOnWake(Mutex<Option<qmp_tokio::Subscription>>);
+
+impl std::task::Wake for DropOnWake {
+    fn wake(self: Arc<Self>) {
+        self.0.lock().unwrap().take();
+    }
+}
+
+/// When the connection closes, waking a subscriber whose waker drops a subscription does not
+/// deadlock the connection's task (it used to wake under the hub's lock, which that drop takes).
+#[test]
+fn a_wake_that_drops_a_subscription_at_close_does_not_deadlock() {
+    let (done_tx, done_rx) = channel();
+    // Its own thread: on failure the runtime deadlocks, and the test must still end.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let server = qmp_testkit::FakeServer::start(|c| {
+                c.handshake();
+                let bye = c.expect("bye");
+                c.reply(&bye.command, json!({}));
+            });
+            let client = qmp_tokio::connect(server.path(), Options::new())
+                .await
+                .unwrap();
+            let mut watched = client.subscribe(EventFilter::all());
+            let other = client.subscribe(EventFilter::all());
+            let waker = std::task::Waker::from(Arc::new(DropOnWake(Mutex::new(Some(other)))));
+            let mut cx = std::task::Context::from_waker(&waker);
+            let poll = futures_util::Stream::poll_next(std::pin::Pin::new(&mut watched), &mut cx);
+            assert!(poll.is_pending());
+            client.execute("bye", ()).await.unwrap();
+            client.closed().await;
+            // Takes the hub's lock: blocks for ever if the task deadlocked holding it.
+            drop(client.subscribe(EventFilter::all()));
+        });
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the connection's task deadlocked closing");
+}
