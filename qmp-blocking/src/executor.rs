@@ -628,13 +628,22 @@ fn timers() -> &'static Timers {
 impl Timers {
     fn run(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut expired = Vec::new();
         loop {
             let now = Instant::now();
             while let Some(entry) = state.due.first_entry() {
                 if entry.key().0 > now {
                     break;
                 }
-                entry.remove().wake();
+                expired.push(entry.remove());
+            }
+            if !expired.is_empty() {
+                // Not under the lock: a waker's `wake` may drop a sleeping future (an executor
+                // whose task is gone does), which takes the lock to forget its timer.
+                drop(state);
+                expired.drain(..).for_each(Waker::wake);
+                state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                continue;
             }
             let wait = state
                 .due

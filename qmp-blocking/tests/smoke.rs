@@ -172,3 +172,59 @@ fn guest_agent_calls_from_many_threads() {
     agent.disconnect();
     server.check();
 }
+
+type Parked = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A waker that drops the future it holds when woken, as an executor does once the task that
+/// waited is gone.
+struct DropOnWake(std::sync::Mutex<Option<Parked>>);
+
+impl std::task::Wake for DropOnWake {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.lock().unwrap().take();
+    }
+}
+
+/// A timer whose waker, woken, drops the sleeping future (which then forgets its timer) does not
+/// stop the timers: the timer thread used to wake under its own lock, and deadlocked on it.
+#[test]
+fn a_wake_that_drops_a_sleeping_future_does_not_stop_the_timers() {
+    let server = qmp_testkit::FakeServer::start(|c| {
+        c.handshake();
+        c.serve_forever();
+    });
+    let client = qmp_blocking::connect(server.path(), qmp_blocking::Options::new()).unwrap();
+    let inner = client.as_async().clone();
+    let mut sleeping: Parked = Box::pin(async move {
+        let _ = inner
+            .wait_for(
+                qmp_blocking::EventFilter::name("NEVER"),
+                Duration::from_millis(50),
+            )
+            .await;
+    });
+    let holder = std::sync::Arc::new(DropOnWake(std::sync::Mutex::new(None)));
+    let waker = std::task::Waker::from(std::sync::Arc::clone(&holder));
+    let poll = sleeping
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker));
+    assert!(poll.is_pending());
+    *holder.0.lock().unwrap() = Some(sleeping);
+    drop(waker);
+
+    // In 50 ms the timer thread wakes it; the timers must go on working after that.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        let waited = client.wait_for(
+            qmp_blocking::EventFilter::name("NEVER"),
+            Duration::from_millis(100),
+        );
+        let _ = tx.send(matches!(waited, Err(qmp_blocking::Error::Timeout)));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the timers stopped"),
+        "the wait did not time out"
+    );
+}
