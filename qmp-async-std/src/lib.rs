@@ -205,17 +205,19 @@ impl Listener {
     /// Listens on `address`. A unix socket file is created (and removed when the listener is
     /// dropped); an existing file there is an error.
     pub async fn bind(address: impl Into<Address>) -> Result<Self, Error> {
-        let inner = match address.into() {
-            Address::Unix(path) => {
-                ListenerKind::Unix(Async::<UnixListener>::bind(&path)?, SocketFile::new(path))
-            }
+        let address = address.into();
+        let inner = match &address {
+            Address::Unix(path) => Async::<UnixListener>::bind(path)
+                .map(|l| ListenerKind::Unix(l, SocketFile::new(path.clone()))),
             Address::Tcp(hostport) => {
-                ListenerKind::Tcp(Async::<TcpListener>::bind(resolve(&hostport)?)?)
+                resolve(hostport).and_then(|a| Async::<TcpListener>::bind(a).map(ListenerKind::Tcp))
             }
-            other => {
-                return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{other}")).into());
-            }
+            other => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{other}"),
+            )),
         };
+        let inner = inner.map_err(|e| address.bind_error(e))?;
         Ok(Self { inner })
     }
 

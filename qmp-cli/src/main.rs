@@ -240,7 +240,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> u8 {
         Err(e) => {
             match (&spec.target, &e) {
                 // Its message names the address already.
-                (Target::Connect(_), Error::Io(_)) => warn!("qmp: {e}"),
+                (_, Error::Io(_)) => warn!("qmp: {e}"),
                 (Target::Connect(a) | Target::Listen(a), _) => {
                     warn!("qmp: cannot connect to {a}: {e}")
                 }

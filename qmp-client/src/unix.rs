@@ -128,9 +128,21 @@ impl Address {
     /// unix:/run/vm1.qmp: No such file or directory"). Its kind is kept and `e` is its source, so
     /// `ErrorKind::NotFound` and the like still match. For adapters.
     pub fn connect_error(&self, e: io::Error) -> io::Error {
+        self.context("connect to", e)
+    }
+
+    /// `e`, from binding a listener to this address, with the address in its message ("cannot
+    /// listen on tcp:127.0.0.1:4444: Address already in use"), as [`connect_error`](Self::connect_error)
+    /// does. For adapters.
+    pub fn bind_error(&self, e: io::Error) -> io::Error {
+        self.context("listen on", e)
+    }
+
+    fn context(&self, action: &'static str, e: io::Error) -> io::Error {
         io::Error::new(
             e.kind(),
-            ConnectError {
+            AddressError {
+                action,
                 address: self.to_string(),
                 source: e,
             },
@@ -139,8 +151,9 @@ impl Address {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to {address}: {source}")]
-struct ConnectError {
+#[error("cannot {action} {address}: {source}")]
+struct AddressError {
+    action: &'static str,
     address: String,
     source: io::Error,
 }

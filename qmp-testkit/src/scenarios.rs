@@ -228,7 +228,7 @@ pub async fn qemu_mirror_job_events(a: &'static dyn Adapter) {
     assert!(pending < completed, "{seen:?}");
 }
 
-/// QEMU connecting to us (`server=off`).
+/// QEMU connecting to us (`server=off`); a listener that cannot bind says where.
 pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("listen.sock");
@@ -245,6 +245,18 @@ pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
         "the listener, dropped after accepting, removed its socket file"
     );
     assert!(client.execute("query-version", ()).await.is_ok());
+
+    // Binding where something already is: an I/O error of the usual kind that names the path.
+    let taken = dir.path().join("taken");
+    std::fs::write(&taken, b"").expect("a file in the way");
+    let never = Box::new(|| panic!("bound where a file is"));
+    match a.accept(taken.clone(), Options::new(), never).await {
+        Err(Error::Io(e)) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+            assert!(e.to_string().contains(&*taken.to_string_lossy()), "{e}");
+        }
+        other => panic!("binding over a file: {other:?}"),
+    }
 }
 
 /// 1,000 executes from 50 concurrent callers.
