@@ -668,9 +668,8 @@ impl Timers {
     /// (Re)registers timer `id` (a new one if `None`) for `at`, returning its id.
     fn set(&self, id: Option<(Instant, u64)>, at: Instant, waker: &Waker) -> (Instant, u64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(key) = id {
-            state.due.remove(&key);
-        }
+        // Dropped after the lock: dropping a waker may drop a sleeping future, which cancels.
+        let _old = id.and_then(|key| state.due.remove(&key));
         let key = (
             at,
             id.map_or_else(
@@ -688,11 +687,14 @@ impl Timers {
     }
 
     fn cancel(&self, key: (Instant, u64)) {
-        self.state
+        let old = self
+            .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .due
             .remove(&key);
+        // After the lock (the temporary guard is gone by now): see `set`.
+        drop(old);
     }
 }
 

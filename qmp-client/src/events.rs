@@ -147,8 +147,6 @@ pub(crate) struct Subscriber {
     filter: EventFilter,
     capacity: usize,
     queue: Mutex<Queue>,
-    /// Its [`Subscription`] was dropped: nobody reads the queue any more.
-    dropped: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -193,7 +191,6 @@ impl Subscriber {
 
     /// Its subscription is gone: stop queueing, and free what was queued.
     fn unsubscribe(&self) {
-        self.dropped.store(true, Ordering::Release);
         let freed = {
             let mut q = lock(&self.queue);
             q.closed = true;
@@ -249,7 +246,6 @@ impl Hub {
                 closed: false,
                 waker: None,
             }),
-            dropped: AtomicBool::new(false),
         });
         let mut subs = lock(&self.subscribers);
         if self.closed.load(Ordering::Acquire) {
@@ -263,22 +259,24 @@ impl Hub {
         sub
     }
 
-    /// A subscriber went away: it leaves the list now (so subscriptions that come and go
-    /// between events do not pile up), and the driver refreshes its view.
-    fn unsubscribed(&self) {
-        let mut gone = Vec::new();
-        lock(&self.subscribers).retain(|s| {
-            let dropped = s.dropped.load(Ordering::Acquire);
-            if dropped {
-                gone.push(Arc::clone(s));
-            }
-            !dropped
-        });
+    /// Subscriber `sub`'s subscription was dropped: it leaves the list now (so subscriptions
+    /// that come and go between events do not pile up). Returns whether the connection's task
+    /// may still hold it in its view, and should be woken to refresh that.
+    fn unsubscribed(&self, sub: *const Subscriber) -> bool {
+        let gone = {
+            let mut subs = lock(&self.subscribers);
+            let at = subs.iter().position(|s| std::ptr::eq(Arc::as_ptr(s), sub));
+            at.map(|at| subs.remove(at))
+        };
+        // Out of the list, under its lock, nobody can take another reference: one besides ours
+        // is the task's. Not in the list: the hub closed, and the task is ending anyway.
+        let held = gone.as_ref().is_none_or(|s| Arc::strong_count(s) > 1);
         // Outside the lock, since dropping a filter drops what its predicate captured, whose own
         // `Drop` may subscribe; and before the change is announced, so that if the connection's
         // task holds the filter too, the task is the one to drop it.
         drop(gone);
         self.changed();
+        held
     }
 
     fn changed(&self) {
@@ -311,7 +309,9 @@ impl Hub {
     /// whatever its predicate captured) is let go of at once, not at the next event, which may
     /// be hours away.
     pub(crate) fn refresh(&self, view: &mut HubView) {
-        loop {
+        // A few rounds at most: subscriptions that keep coming and going must not hold the task
+        // here. One dropped meanwhile also wakes the task, which then refreshes again.
+        for _ in 0..3 {
             // Read before the list: a subscription dropped meanwhile bumps it again, and the loop
             // goes round once more (so does one dropped by the filters this refresh lets go of).
             let generation = self.generation.load(Ordering::Acquire);
@@ -425,14 +425,15 @@ impl Drop for Subscription {
             return;
         };
         sub.unsubscribe();
+        let id = Arc::as_ptr(&sub);
         // Our reference goes before the hub changes: the filter, and what its predicate captured,
         // is then dropped here, or by the connection's task when it next refreshes its view (if
         // that holds it), not by whichever of the two happens to let go last.
         drop(sub);
-        self.shared.hub.unsubscribed();
-        // The task may hold the filter in its view of the list: have it refresh now, not at the
-        // next event, which may be hours away.
-        self.shared.calls.wake_task();
+        if self.shared.hub.unsubscribed(id) {
+            // Have the task refresh its view now, not at the next event, which may be hours away.
+            self.shared.calls.wake_task();
+        }
     }
 }
 

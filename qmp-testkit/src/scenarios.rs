@@ -257,6 +257,7 @@ pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
         }
         other => panic!("binding over a file: {other:?}"),
     }
+    assert!(taken.exists(), "the file in the way is gone");
 }
 
 /// 1,000 executes from 50 concurrent callers.
