@@ -107,9 +107,18 @@ pub async fn connect_guest_agent(
 async fn open(address: Address, options: Options) -> Result<(Stream, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
+    let mut queue_full = false;
     let connecting = async {
         match &address {
-            Address::Unix(path) => Async::<UnixStream>::connect(path).await.map(Stream::Unix),
+            Address::Unix(path) => loop {
+                match qmp_client::try_connect_unix(path)? {
+                    Some(s) => return Async::new(s).map(Stream::Unix),
+                    None => {
+                        queue_full = true;
+                        AsyncTimer::after(qmp_client::CONNECT_RETRY).await;
+                    }
+                }
+            },
             Address::Tcp(hostport) => {
                 let addr = resolve(hostport)?;
                 let s = Async::<TcpStream>::connect(addr).await?;
@@ -127,6 +136,10 @@ async fn open(address: Address, options: Options) -> Result<(Stream, Options), E
         Err(io::Error::from(io::ErrorKind::TimedOut))
     };
     let stream = match connecting.or(timeout).await {
+        // A busy monitor: see `NoGreeting`.
+        Err(e) if e.kind() == io::ErrorKind::TimedOut && queue_full => {
+            return Err(Error::NoGreeting);
+        }
         Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Error::Timeout),
         other => other.map_err(|e| address.connect_error(e))?,
     };

@@ -134,35 +134,45 @@ pub fn connect_guest_agent(
 fn open(address: Address, options: Options) -> Result<(Io, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
-    let connect = || match &address {
-        Address::Unix(path) => UnixStream::connect(path).map(Io::Unix),
-        Address::Tcp(hostport) => {
-            let addr = hostport.to_socket_addrs()?.next().ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("no address for {hostport}"),
-                )
-            })?;
-            let s = TcpStream::connect_timeout(&addr, deadline)?;
-            s.set_nodelay(true)?;
-            Ok(Io::Tcp(s))
-        }
-        other => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!("{other}"),
-        )),
+    let connect = || -> Result<Io, Error> {
+        let io = match &address {
+            Address::Unix(path) => loop {
+                if let Some(s) = qmp_client::try_connect_unix(path)? {
+                    s.set_nonblocking(false)?;
+                    break Io::Unix(s);
+                }
+                // A busy monitor: see `NoGreeting`.
+                if started.elapsed() >= deadline {
+                    return Err(Error::NoGreeting);
+                }
+                std::thread::sleep(qmp_client::CONNECT_RETRY);
+            },
+            Address::Tcp(hostport) => {
+                let addr = hostport.to_socket_addrs()?.next().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no address for {hostport}"),
+                    )
+                })?;
+                let s =
+                    TcpStream::connect_timeout(&addr, deadline).map_err(|e| match e.kind() {
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Error::Timeout,
+                        _ => e.into(),
+                    })?;
+                s.set_nodelay(true)?;
+                Io::Tcp(s)
+            }
+            other => {
+                let e = io::Error::new(io::ErrorKind::Unsupported, format!("{other}"));
+                return Err(e.into());
+            }
+        };
+        Ok(io)
     };
-    let stream = match connect() {
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-            ) =>
-        {
-            return Err(Error::Timeout);
-        }
-        other => other.map_err(|e| address.connect_error(e))?,
-    };
+    let stream = connect().map_err(|e| match e {
+        Error::Io(e) => Error::Io(address.connect_error(e)),
+        other => other,
+    })?;
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
     Ok((stream, options))
 }

@@ -29,10 +29,11 @@ pub enum Error {
     /// stays on the wire; its late response is discarded.
     #[error("timed out")]
     Timeout,
-    /// Connecting: the server took the connection but sent no QMP greeting within the connect
-    /// timeout. A QEMU monitor serves one client at a time and greets the next only when the
-    /// current one leaves, so another client is probably connected to it. Or the socket is not a
-    /// QMP monitor: a guest agent's never greets (connect to it as a guest agent instead).
+    /// Connecting: no QMP greeting arrived within the connect timeout, or the server did not
+    /// even take the connection (its queue of pending ones was full). A QEMU monitor serves one
+    /// client at a time and greets (or accepts) the next only when the current one leaves, so
+    /// another client is probably connected to it. Or the socket is not a QMP monitor: a guest
+    /// agent's never greets (connect to it as a guest agent instead).
     #[error(
         "connected, but no QMP greeting within the connect timeout: a QEMU monitor serves one \
          client at a time (is another client connected to it?), and a guest agent never greets"

@@ -9,6 +9,32 @@ use std::path::{Path, PathBuf};
 
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
+#[cfg(doc)]
+use crate::Error;
+
+/// How often a connect retries while the server's queue of connections is full.
+pub const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Connects to the unix socket at `path` without blocking: a non-blocking stream, or `None` if
+/// the server's queue of pending connections is full. A QEMU monitor serving a client accepts no
+/// other, and its queue holds one: from the third client on, connecting fails at once (`EAGAIN`,
+/// where a blocking connect would wait, deadline or not, until QEMU accepts). Adapters retry
+/// every [`CONNECT_RETRY`] until their deadline, then report [`Error::NoGreeting`].
+pub fn try_connect_unix(path: &Path) -> io::Result<Option<std::os::unix::net::UnixStream>> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let socket = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    match rustix::net::connect(&socket, &SocketAddrUnix::new(path)?) {
+        Ok(()) => Ok(Some(socket.into())),
+        Err(rustix::io::Errno::AGAIN) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Sends `data` on a unix socket with `fds` attached to its first byte (`SCM_RIGHTS`), in one
 /// non-blocking `sendmsg`. For adapters' [`Transport::poll_write`](crate::Transport::poll_write).
 pub fn send_with_fds(socket: impl AsFd, data: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {

@@ -88,9 +88,18 @@ pub async fn connect_guest_agent(
 async fn open(address: Address, options: Options) -> Result<(Stream, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
-    let stream = tokio::time::timeout(deadline, async {
+    let mut queue_full = false;
+    let connecting = async {
         match &address {
-            Address::Unix(path) => UnixStream::connect(path).await.map(Stream::Unix),
+            Address::Unix(path) => loop {
+                match qmp_client::try_connect_unix(path)? {
+                    Some(s) => return UnixStream::from_std(s).map(Stream::Unix),
+                    None => {
+                        queue_full = true;
+                        tokio::time::sleep(qmp_client::CONNECT_RETRY).await;
+                    }
+                }
+            },
             Address::Tcp(hostport) => {
                 let s = TcpStream::connect(hostport.as_str()).await?;
                 s.set_nodelay(true)?;
@@ -102,10 +111,13 @@ async fn open(address: Address, options: Options) -> Result<(Stream, Options), E
                 format!("{other}"),
             )),
         }
-    })
-    .await
-    .map_err(|_| Error::Timeout)?
-    .map_err(|e| address.connect_error(e))?;
+    };
+    let stream = match tokio::time::timeout(deadline, connecting).await {
+        // A busy monitor: see `NoGreeting`.
+        Err(_) if queue_full => return Err(Error::NoGreeting),
+        Err(_) => return Err(Error::Timeout),
+        Ok(connected) => connected.map_err(|e| address.connect_error(e))?,
+    };
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
     Ok((stream, options))
 }
