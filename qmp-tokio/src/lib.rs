@@ -116,6 +116,8 @@ async fn open(address: Address, options: Options) -> Result<(Stream, Options), E
         // A busy monitor: see `NoGreeting`.
         Err(_) if queue_full => return Err(Error::NoGreeting),
         Err(_) => return Err(Error::Timeout),
+        // The system's own connect timeout (TCP), reported as the other adapters do.
+        Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(Error::Timeout),
         Ok(connected) => connected.map_err(|e| address.connect_error(e))?,
     };
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
