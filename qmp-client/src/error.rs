@@ -35,8 +35,8 @@ pub enum Error {
     /// another client is probably connected to it. Or the socket is not a QMP monitor: a guest
     /// agent's never greets (connect to it as a guest agent instead).
     #[error(
-        "connected, but no QMP greeting within the connect timeout: a QEMU monitor serves one \
-         client at a time (is another client connected to it?), and a guest agent never greets"
+        "no QMP greeting within the connect timeout: a QEMU monitor serves one client at a time \
+         (is another client connected to it?), and a guest agent never greets"
     )]
     NoGreeting,
     /// The connection is closed, or closed before the response arrived.

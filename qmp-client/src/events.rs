@@ -254,7 +254,7 @@ impl Hub {
             subs.push(Arc::clone(&sub));
             // Before the caller can send a command whose events it must see: the driver takes
             // that command (through a lock) after this, so it sees the new generation.
-            self.generation.fetch_add(1, Ordering::Release);
+            self.changed();
         }
         sub
     }
@@ -283,10 +283,10 @@ impl Hub {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Delivers `event` to every subscriber whose filter matches. The wakers of subscribers that were waiting go to `wakes`, for the driver
-    /// to wake once it has delivered everything it read: a subscriber on another thread then
-    /// takes a batch per wake-up instead of being woken (a context switch on a busy CPU) for each
-    /// event. Returns whether a subscriber's queue is half full or more: the driver then lets
+    /// Delivers `event` to every subscriber whose filter matches. The wakers of subscribers that
+    /// were waiting go to `wakes`, for the driver to wake once it has delivered everything it
+    /// read: a subscriber on another thread then takes a batch per wake-up instead of being woken
+    /// (a context switch on a busy CPU) for each event. Returns whether a subscriber's queue is half full or more: the driver then lets
     /// other tasks (the subscribers) run before it reads on.
     pub(crate) fn publish(&self, view: &mut HubView, event: Event, wakes: &mut Vec<Waker>) -> bool {
         self.refresh(view);

@@ -26,18 +26,7 @@ impl Drop for SlowDrop {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_dropped_during_a_view_refresh_is_forgotten() {
-    let server = qmp_testkit::FakeServer::start(|c| {
-        c.handshake();
-        while let Some(r) = c.recv() {
-            c.reply(&r.command, json!({}));
-            if r.name() == "emit" {
-                c.event("E", json!({}));
-            }
-        }
-    });
-    let client = qmp_tokio::connect(server.path(), Options::new())
-        .await
-        .unwrap();
+    let (_server, client) = emitting_client().await;
 
     let (started_tx, started_rx) = channel();
     let (go_tx, go_rx) = channel();
