@@ -87,7 +87,7 @@ pub use qmp_client::{
 /// client at a time: while another is connected, no greeting comes, and this fails with
 /// [`Error::NoGreeting`] when the timeout passes.
 pub async fn connect(address: impl Into<Address>, options: Options) -> Result<Client, Error> {
-    let (stream, options) = open(address.into(), options).await?;
+    let (stream, options) = open(address.into(), options, true).await?;
     start(stream, options).await
 }
 
@@ -98,13 +98,17 @@ pub async fn connect_guest_agent(
     address: impl Into<Address>,
     options: Options,
 ) -> Result<GuestAgent, Error> {
-    let (stream, options) = open(address.into(), options).await?;
+    let (stream, options) = open(address.into(), options, false).await?;
     start_guest_agent(stream, options).await
 }
 
 /// Opens a connection to `address` within the connect deadline; returns the options with the
-/// time left of it.
-async fn open(address: Address, options: Options) -> Result<(Stream, Options), Error> {
+/// time left of it. `monitor`: a QMP monitor, not a guest agent (for the error a busy one gives).
+async fn open(
+    address: Address,
+    options: Options,
+    monitor: bool,
+) -> Result<(Stream, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
     let mut queue_full = false;
@@ -136,9 +140,9 @@ async fn open(address: Address, options: Options) -> Result<(Stream, Options), E
         Err(io::Error::from(io::ErrorKind::TimedOut))
     };
     let stream = match connecting.or(timeout).await {
-        // A busy monitor: see `NoGreeting`.
+        // A busy server: see `NoGreeting`.
         Err(e) if e.kind() == io::ErrorKind::TimedOut && queue_full => {
-            return Err(Error::NoGreeting);
+            return Err(qmp_client::queue_full_error(monitor));
         }
         Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Error::Timeout),
         other => other.map_err(|e| address.connect_error(e))?,

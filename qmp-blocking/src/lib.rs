@@ -105,7 +105,7 @@ pub use qmp_client::{
 /// client at a time: while another is connected, no greeting comes, and this fails with
 /// [`Error::NoGreeting`] when the timeout passes.
 pub fn connect(address: impl Into<Address>, options: Options) -> Result<Client, Error> {
-    let (io, options) = open(address.into(), options)?;
+    let (io, options) = open(address.into(), options, true)?;
     start(io, options)
 }
 
@@ -125,13 +125,13 @@ pub fn connect_guest_agent(
     address: impl Into<Address>,
     options: Options,
 ) -> Result<GuestAgent, Error> {
-    let (io, options) = open(address.into(), options)?;
+    let (io, options) = open(address.into(), options, false)?;
     start_guest_agent(io, options)
 }
 
 /// Opens a connection to `address` within the connect deadline; returns the options with the
-/// time left of it.
-fn open(address: Address, options: Options) -> Result<(Io, Options), Error> {
+/// time left of it. `monitor`: a QMP monitor, not a guest agent (for the error a busy one gives).
+fn open(address: Address, options: Options, monitor: bool) -> Result<(Io, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
     let connect = || -> Result<Io, Error> {
@@ -141,9 +141,9 @@ fn open(address: Address, options: Options) -> Result<(Io, Options), Error> {
                     s.set_nonblocking(false)?;
                     break Io::Unix(s);
                 }
-                // A busy monitor: see `NoGreeting`.
+                // A busy server: see `NoGreeting`.
                 if started.elapsed() >= deadline {
-                    return Err(Error::NoGreeting);
+                    return Err(qmp_client::queue_full_error(monitor));
                 }
                 std::thread::sleep(qmp_client::CONNECT_RETRY);
             },

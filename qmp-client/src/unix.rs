@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
-#[cfg(doc)]
 use crate::Error;
 
 /// How often a connect retries while the server's queue of connections is full.
@@ -19,7 +18,7 @@ pub const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(
 /// the server's queue of pending connections is full. A QEMU monitor serving a client accepts no
 /// other, and its queue holds one: from the third client on, connecting fails at once (`EAGAIN`,
 /// where a blocking connect would wait, deadline or not, until QEMU accepts). Adapters retry
-/// every [`CONNECT_RETRY`] until their deadline, then report [`Error::NoGreeting`].
+/// every [`CONNECT_RETRY`] until their deadline, then report [`queue_full_error`].
 pub fn try_connect_unix(path: &Path) -> io::Result<Option<std::os::unix::net::UnixStream>> {
     use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let socket = rustix::net::socket_with(
@@ -32,6 +31,18 @@ pub fn try_connect_unix(path: &Path) -> io::Result<Option<std::os::unix::net::Un
         Ok(()) => Ok(Some(socket.into())),
         Err(rustix::io::Errno::AGAIN) => Ok(None),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What a connect whose deadline passed while the server's queue stayed full reports:
+/// [`Error::NoGreeting`] for a QMP monitor, whose message names the likely cause (another client),
+/// and [`Error::Timeout`] for a guest agent, which never greets (as when it takes the connection
+/// but does not answer the handshake's `guest-sync` in time).
+pub fn queue_full_error(monitor: bool) -> Error {
+    if monitor {
+        Error::NoGreeting
+    } else {
+        Error::Timeout
     }
 }
 

@@ -965,8 +965,36 @@ pub async fn qga_commands_and_errors(a: &'static dyn Adapter) {
         agent.execute("guest-ping", ()).await.expect("ping"),
         json!({})
     );
+
+    // The agent serves one client at a time, and queues two more connections: every later one
+    // times out at its deadline as a timeout, never as a missing QMP greeting (an agent has none).
+    for attempt in 2..=4 {
+        let started = std::time::Instant::now();
+        let other = a
+            .connect_agent(
+                qga.socket().to_owned(),
+                Options::new().connect_timeout(Duration::from_millis(300)),
+            )
+            .await;
+        assert!(
+            matches!(other, Err(Error::Timeout)),
+            "agent client {attempt}: {other:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "agent client {attempt}"
+        );
+    }
     agent.disconnect().await;
     assert!(agent.is_closed());
+    let next = connect_agent(a, qga.socket()).await;
+    assert_eq!(
+        next.execute("guest-ping", ())
+            .await
+            .expect("the next client is served"),
+        json!({})
+    );
+    next.disconnect().await;
     assert!(qga.is_running(), "qemu-ga survived the session");
 }
 
