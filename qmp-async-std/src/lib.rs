@@ -74,7 +74,7 @@ use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer as AsyncTimer};
 use futures_lite::{AsyncRead, AsyncWrite, FutureExt};
-use qmp_client::{BoxFuture, Runtime, SocketFile, Timer, Transport, send_with_fds};
+use qmp_client::{BoxFuture, Dial, Runtime, SocketFile, Timer, Transport, send_with_fds};
 
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Client, Command, CommandError, Config, Disconnect, Error,
@@ -111,41 +111,41 @@ async fn open(
 ) -> Result<(Stream, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
-    let mut queue_full = false;
+    let mut dial = Dial::new(&options, monitor);
     let connecting = async {
-        match &address {
-            Address::Unix(path) => loop {
-                match qmp_client::try_connect_unix(path)? {
-                    Some(s) => return Async::new(s).map(Stream::Unix),
-                    None => {
-                        queue_full = true;
-                        AsyncTimer::after(qmp_client::CONNECT_RETRY).await;
-                    }
-                }
-            },
-            Address::Tcp(hostport) => {
-                let addr = resolve(hostport)?;
-                let s = Async::<TcpStream>::connect(addr).await?;
-                s.get_ref().set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
+        loop {
+            let outcome = match &address {
+                Address::Unix(path) => qmp_client::try_connect_unix(path)
+                    .and_then(|s| s.map(Async::new).transpose())
+                    .map(|s| s.map(Stream::Unix)),
+                Address::Tcp(hostport) => match resolve(hostport) {
+                    Ok(addr) => Async::<TcpStream>::connect(addr).await.and_then(|s| {
+                        s.get_ref().set_nodelay(true)?;
+                        Ok(Some(Stream::Tcp(s)))
+                    }),
+                    Err(e) => Err(e),
+                },
+                other => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("{other}"),
+                )),
+            };
+            if let Some(stream) = dial.attempt(outcome)? {
+                return Ok::<_, io::Error>(Some(stream));
             }
-            other => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{other}"),
-            )),
+            AsyncTimer::after(qmp_client::CONNECT_RETRY).await;
         }
     };
     let timeout = async {
         AsyncTimer::after(deadline).await;
-        Err(io::Error::from(io::ErrorKind::TimedOut))
+        Ok(None)
     };
     let stream = match connecting.or(timeout).await {
-        // A busy server: see `NoGreeting`.
-        Err(e) if e.kind() == io::ErrorKind::TimedOut && queue_full => {
-            return Err(qmp_client::queue_full_error(monitor));
-        }
+        Ok(Some(stream)) => stream,
+        Ok(None) => return Err(dial.expired(&address)),
+        // The system's own connect timeout (TCP).
         Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(Error::Timeout),
-        other => other.map_err(|e| address.connect_error(e))?,
+        Err(e) => return Err(address.connect_error(e).into()),
     };
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
     Ok((stream, options))
@@ -155,7 +155,7 @@ fn resolve(hostport: &str) -> io::Result<std::net::SocketAddr> {
     // Resolution is blocking but brief (usually a literal address); a connect is rare.
     hostport.to_socket_addrs()?.next().ok_or_else(|| {
         io::Error::new(
-            io::ErrorKind::NotFound,
+            io::ErrorKind::InvalidInput,
             format!("no address for {hostport}"),
         )
     })

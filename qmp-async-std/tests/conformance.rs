@@ -5,14 +5,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qmp_async_std::{Client, Error, GuestAgent, Options};
+use qmp_async_std::{Address, Client, Error, GuestAgent, Options};
 use qmp_testkit::scenarios::{Adapter, BoxFut};
 
 struct AsyncStd;
 
 impl Adapter for AsyncStd {
-    fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
-        Box::pin(qmp_async_std::connect(path, options))
+    fn connect(&self, address: Address, options: Options) -> BoxFut<Result<Client, Error>> {
+        Box::pin(qmp_async_std::connect(address, options))
     }
 
     fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {
@@ -48,8 +48,8 @@ fn on_smol(options: Options) -> Options {
 }
 
 impl Adapter for Smol {
-    fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
-        Box::pin(qmp_async_std::connect(path, on_smol(options)))
+    fn connect(&self, address: Address, options: Options) -> BoxFut<Result<Client, Error>> {
+        Box::pin(qmp_async_std::connect(address, on_smol(options)))
     }
 
     fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {

@@ -93,12 +93,12 @@ use serde_json::Value;
 
 pub use crate::executor::block_on;
 use crate::executor::{Io, Shared, block_on_assisted, block_on_driving};
-use qmp_client::SocketFile;
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Command, CommandError, Config, Disconnect, Error, Event,
     EventFilter, EventItem, Greeting, Lagged, NoReply, Options, ProtocolError, QmpError, RawJson,
     SendError, State, Timestamp, Version, qmp_proto,
 };
+use qmp_client::{Dial, SocketFile};
 
 /// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),
 /// and completes the handshake, all within [`Options::connect_timeout`]. A QEMU monitor serves one
@@ -134,47 +134,57 @@ pub fn connect_guest_agent(
 fn open(address: Address, options: Options, monitor: bool) -> Result<(Io, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
-    let connect = || -> Result<Io, Error> {
-        let io = match &address {
-            Address::Unix(path) => loop {
-                if let Some(s) = qmp_client::try_connect_unix(path)? {
-                    s.set_nonblocking(false)?;
-                    break Io::Unix(s);
-                }
-                // A busy server: see `NoGreeting`.
-                if started.elapsed() >= deadline {
-                    return Err(qmp_client::queue_full_error(monitor));
-                }
-                std::thread::sleep(qmp_client::CONNECT_RETRY);
-            },
+    let mut dial = Dial::new(&options, monitor);
+    let stream = loop {
+        let outcome = match &address {
+            Address::Unix(path) => qmp_client::try_connect_unix(path).and_then(|s| {
+                s.map(|s| s.set_nonblocking(false).map(|()| Io::Unix(s)))
+                    .transpose()
+            }),
             Address::Tcp(hostport) => {
-                let addr = hostport.to_socket_addrs()?.next().ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("no address for {hostport}"),
-                    )
-                })?;
-                let s =
-                    TcpStream::connect_timeout(&addr, deadline).map_err(|e| match e.kind() {
-                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Error::Timeout,
-                        _ => e.into(),
-                    })?;
-                s.set_nodelay(true)?;
-                Io::Tcp(s)
+                let left = deadline.saturating_sub(started.elapsed());
+                connect_tcp(hostport, left).map(|s| Some(Io::Tcp(s)))
             }
-            other => {
-                let e = io::Error::new(io::ErrorKind::Unsupported, format!("{other}"));
-                return Err(e.into());
-            }
+            other => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{other}"),
+            )),
         };
-        Ok(io)
+        match dial.attempt(outcome) {
+            Ok(Some(stream)) => break stream,
+            Ok(None) if started.elapsed() + qmp_client::CONNECT_RETRY < deadline => {
+                std::thread::sleep(qmp_client::CONNECT_RETRY);
+            }
+            Ok(None) => return Err(dial.expired(&address)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                ) =>
+            {
+                return Err(Error::Timeout);
+            }
+            Err(e) => return Err(address.connect_error(e).into()),
+        }
     };
-    let stream = connect().map_err(|e| match e {
-        Error::Io(e) => Error::Io(address.connect_error(e)),
-        other => other,
-    })?;
     let options = options.connect_timeout(deadline.saturating_sub(started.elapsed()));
     Ok((stream, options))
+}
+
+/// One TCP connect to `hostport` that gives up after `timeout`.
+fn connect_tcp(hostport: &str, timeout: Duration) -> io::Result<TcpStream> {
+    let addr = hostport.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("no address for {hostport}"),
+        )
+    })?;
+    if timeout.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_nodelay(true)?;
+    Ok(s)
 }
 
 /// Runs a client over a connected unix socket (one of a `socketpair`, or inherited). File

@@ -4,15 +4,17 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use qmp_blocking::{Error, Options};
+use qmp_blocking::{Address, Error, Options};
 use qmp_client::{Client, GuestAgent};
 use qmp_testkit::scenarios::{Adapter, BoxFut};
 
 struct Blocking;
 
 impl Adapter for Blocking {
-    fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
-        Box::pin(async move { qmp_blocking::connect(path, options).map(|c| c.as_async().clone()) })
+    fn connect(&self, address: Address, options: Options) -> BoxFut<Result<Client, Error>> {
+        Box::pin(
+            async move { qmp_blocking::connect(address, options).map(|c| c.as_async().clone()) },
+        )
     }
 
     fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {

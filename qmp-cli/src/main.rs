@@ -85,6 +85,11 @@ struct Cli {
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
     timeout: Option<Duration>,
 
+    /// Wait (up to the connect timeout, 10 s by default) while nothing listens at --socket yet,
+    /// as right after starting QEMU
+    #[arg(long, conflicts_with_all = ["listen", "spawn_qsd"])]
+    wait_for_server: bool,
+
     /// Do not send qmp_capabilities after the greeting (send it yourself)
     #[arg(long)]
     no_negotiate: bool,
@@ -232,6 +237,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> u8 {
         target,
         agent: cli.agent,
         timeout: cli.timeout,
+        wait_for_server: cli.wait_for_server,
         no_negotiate: cli.no_negotiate,
     };
 

@@ -62,13 +62,17 @@ pub(crate) struct ConnectSpec {
     pub(crate) agent: bool,
     /// Connect and per-command timeout.
     pub(crate) timeout: Option<Duration>,
+    /// Retry while nothing listens at the address yet.
+    pub(crate) wait_for_server: bool,
     /// Skip `qmp_capabilities`.
     pub(crate) no_negotiate: bool,
 }
 
 /// Connects (or accepts) as `spec` says.
 pub(crate) async fn connect(spec: &ConnectSpec) -> Result<Peer, Error> {
-    let mut options = Options::new().name("qmp");
+    let mut options = Options::new()
+        .name("qmp")
+        .wait_for_server(spec.wait_for_server);
     if let Some(t) = spec.timeout {
         options = options.connect_timeout(t).timeout(t);
     }

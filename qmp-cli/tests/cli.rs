@@ -151,6 +151,24 @@ fn missing_socket_is_exit_2() {
 }
 
 #[test]
+fn wait_for_server_connects_to_a_qemu_started_after_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("late.qmp");
+    let path = socket.to_str().expect("utf-8 path").to_owned();
+    let child = qmp()
+        .args(["--wait-for-server", "-s", &path, "query-version"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qmp");
+    std::thread::sleep(Duration::from_millis(300));
+    let _qsd = Qsd::listen_at(&socket);
+    let out = child.wait_with_output().expect("qmp exits");
+    assert_code(&out, 0);
+    assert_eq!(stdout_json(&out)["qemu"]["major"], json!(10));
+}
+
+#[test]
 fn silent_server_is_exit_3() {
     // A socket that accepts (backlog) but never greets: the connect deadline passes.
     let dir = tempfile::tempdir().expect("temp dir");

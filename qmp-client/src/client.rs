@@ -65,6 +65,7 @@ pub struct Options {
     /// `None`: the default for the kind of peer (QMP or guest agent).
     pub(crate) config: Option<Config>,
     pub(crate) connect_timeout: Duration,
+    pub(crate) wait_for_server: bool,
     pub(crate) timeout: Option<Duration>,
     pub(crate) event_buffer: usize,
     pub(crate) name: Option<String>,
@@ -76,6 +77,7 @@ impl fmt::Debug for Options {
         f.debug_struct("Options")
             .field("config", &self.config)
             .field("connect_timeout", &self.connect_timeout)
+            .field("wait_for_server", &self.wait_for_server)
             .field("timeout", &self.timeout)
             .field("event_buffer", &self.event_buffer)
             .field("name", &self.name)
@@ -89,6 +91,7 @@ impl Default for Options {
         Self {
             config: None,
             connect_timeout: Duration::from_secs(10),
+            wait_for_server: false,
             timeout: None,
             event_buffer: 1024,
             name: None,
@@ -116,6 +119,31 @@ impl Options {
     /// without a deadline a connect could wait forever.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Keeps trying to connect, until the connect timeout, while nothing listens at the address
+    /// yet: the socket file does not exist, or connections are refused (`ECONNREFUSED`: a stale
+    /// socket file, or a TCP port not yet open). That is QEMU right after it was started, before
+    /// its monitor socket is up; with this, a program that starts QEMU can connect at once instead
+    /// of polling for the socket itself. Default off, so a wrong path fails at once. If the
+    /// server is still absent at the deadline, connecting fails with the last attempt's error.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), qmp_client::Error> {
+    /// # let connect = |_: &str, _: qmp_client::Options| async { Err::<(), _>(qmp_client::Error::Timeout) };
+    /// use std::time::Duration;
+    /// use qmp_client::Options;
+    ///
+    /// // QEMU was just started with `-qmp unix:/run/vm1.qmp,server=on,wait=off`.
+    /// let options = Options::new()
+    ///     .wait_for_server(true)
+    ///     .connect_timeout(Duration::from_secs(30));
+    /// connect("/run/vm1.qmp", options).await?; // qmp_tokio::connect, qmp_blocking::connect, ...
+    /// # Ok(()) }
+    /// ```
+    pub fn wait_for_server(mut self, wait: bool) -> Self {
+        self.wait_for_server = wait;
         self
     }
 

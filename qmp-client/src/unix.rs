@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
-use crate::Error;
+use crate::{Error, Options};
 
 /// How often a connect retries while the server's queue of connections is full.
 pub const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
@@ -18,7 +18,7 @@ pub const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(
 /// the server's queue of pending connections is full. A QEMU monitor serving a client accepts no
 /// other, and its queue holds one: from the third client on, connecting fails at once (`EAGAIN`,
 /// where a blocking connect would wait, deadline or not, until QEMU accepts). Adapters retry
-/// every [`CONNECT_RETRY`] until their deadline, then report [`queue_full_error`].
+/// every [`CONNECT_RETRY`] until their deadline (see [`Dial`]).
 pub fn try_connect_unix(path: &Path) -> io::Result<Option<std::os::unix::net::UnixStream>> {
     use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let socket = rustix::net::socket_with(
@@ -34,15 +34,70 @@ pub fn try_connect_unix(path: &Path) -> io::Result<Option<std::os::unix::net::Un
     }
 }
 
-/// What a connect whose deadline passed while the server's queue stayed full reports:
-/// [`Error::NoGreeting`] for a QMP monitor, whose message names the likely cause (another client),
-/// and [`Error::Timeout`] for a guest agent, which never greets (as when it takes the connection
-/// but does not answer the handshake's `guest-sync` in time).
-pub fn queue_full_error(monitor: bool) -> Error {
-    if monitor {
-        Error::NoGreeting
-    } else {
-        Error::Timeout
+/// The bookkeeping of an adapter's connect loop, so that every adapter retries the same failures
+/// and reports the same error at the deadline. Each attempt's outcome goes through
+/// [`attempt`](Self::attempt); between attempts the adapter sleeps [`CONNECT_RETRY`]; if the
+/// connect deadline passes first, it reports [`expired`](Self::expired).
+#[derive(Debug)]
+pub struct Dial {
+    wait_for_server: bool,
+    monitor: bool,
+    last: Option<Retry>,
+}
+
+/// Why the last attempt is worth repeating.
+#[derive(Debug)]
+enum Retry {
+    /// The server's queue of pending connections is full ([`try_connect_unix`]).
+    QueueFull,
+    /// Nothing listens yet ([`Options::wait_for_server`]).
+    Absent(io::Error),
+}
+
+impl Dial {
+    /// For a connect with `options`, to a QMP monitor (`monitor`) or a guest agent.
+    pub fn new(options: &Options, monitor: bool) -> Self {
+        Self {
+            wait_for_server: options.wait_for_server,
+            monitor,
+            last: None,
+        }
+    }
+
+    /// Sorts one attempt's outcome: `Ok(Some(stream))`, connected; `Ok(None)` (a full queue, or
+    /// a server not there yet that the options say to wait for), try again after
+    /// [`CONNECT_RETRY`]; `Err`, give up with that error.
+    pub fn attempt<S>(&mut self, outcome: io::Result<Option<S>>) -> io::Result<Option<S>> {
+        match outcome {
+            Ok(Some(stream)) => Ok(Some(stream)),
+            Ok(None) => {
+                self.last = Some(Retry::QueueFull);
+                Ok(None)
+            }
+            Err(e)
+                if self.wait_for_server
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                self.last = Some(Retry::Absent(e));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What connecting to `address` reports when the deadline passes between attempts: for a
+    /// full queue, [`Error::NoGreeting`] from a QMP monitor (its message names the likely cause,
+    /// another client) and [`Error::Timeout`] from a guest agent (which never greets); for a
+    /// server that never came, the last attempt's error; else [`Error::Timeout`].
+    pub fn expired(self, address: &Address) -> Error {
+        match self.last {
+            Some(Retry::QueueFull) if self.monitor => Error::NoGreeting,
+            Some(Retry::Absent(e)) => Error::Io(address.connect_error(e)),
+            Some(Retry::QueueFull) | None => Error::Timeout,
+        }
     }
 }
 

@@ -46,9 +46,32 @@ impl FakeServer {
     where
         F: Fn(&mut ServerConn) + Send + Sync + 'static,
     {
+        Self::start_with(None, script)
+    }
+
+    /// The same, but its socket appears only after `delay` (as a QEMU just started): until then
+    /// [`path`](Self::path) does not exist.
+    pub fn start_later<F>(delay: Duration, script: F) -> Self
+    where
+        F: Fn(&mut ServerConn) + Send + Sync + 'static,
+    {
+        Self::start_with(Some(delay), script)
+    }
+
+    fn start_with<F>(delay: Option<Duration>, script: F) -> Self
+    where
+        F: Fn(&mut ServerConn) + Send + Sync + 'static,
+    {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&path).expect("bind fake server");
+        let bind = {
+            let path = path.clone();
+            move || UnixListener::bind(&path).expect("bind fake server")
+        };
+        let mut listener = match delay {
+            None => Some(bind()),
+            Some(_) => None,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -57,6 +80,14 @@ impl FakeServer {
             let (stop, connections, failures) =
                 (stop.clone(), connections.clone(), failures.clone());
             std::thread::spawn(move || {
+                if let Some(delay) = delay {
+                    std::thread::sleep(delay);
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    listener = Some(bind());
+                }
+                let Some(listener) = listener else { return };
                 for stream in listener.incoming() {
                     if stop.load(Ordering::Acquire) {
                         break;
@@ -122,9 +153,12 @@ impl FakeServer {
 impl Drop for FakeServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
+            // Wake the accept loop; again if it was still binding (`start_later`).
+            while !t.is_finished() {
+                let _ = UnixStream::connect(&self.path);
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = t.join();
         }
         if !std::thread::panicking() {
@@ -478,6 +512,20 @@ impl Qsd {
     /// Every monitor socket: [`socket`](Self::socket) first.
     pub fn sockets(&self) -> impl Iterator<Item = &Path> {
         std::iter::once(self.socket.as_path()).chain(self.more.iter().map(PathBuf::as_path))
+    }
+
+    /// Starts a daemon whose monitor listens at `socket`, without waiting for it to be ready (as
+    /// a program that has just started QEMU would). QEMU replaces a stale socket file there.
+    pub fn listen_at(socket: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let chardev = format!("socket,path={},server=on,wait=off,id=m", socket.display());
+        let child = spawn_qsd(dir.path(), &[(chardev, "chardev=m".to_owned())]);
+        Self {
+            child,
+            dir,
+            socket: socket.to_owned(),
+            more: Vec::new(),
+        }
     }
 
     /// Starts a daemon that connects to `socket` (`server=off`), for accept-mode tests. Bind the

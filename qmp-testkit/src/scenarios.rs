@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use qmp_client::{
-    Client, CommandError, Config, Disconnect, Error, EventFilter, GuestAgent, NoReply, Options,
-    ProtocolError,
+    Address, Client, CommandError, Config, Disconnect, Error, EventFilter, GuestAgent, NoReply,
+    Options, ProtocolError,
 };
 use serde_json::{Value, json};
 
@@ -23,8 +23,8 @@ pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// What the suite needs from an adapter.
 pub trait Adapter: Send + Sync + 'static {
-    /// Connects to the QMP socket at `path`.
-    fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>>;
+    /// Connects to the QMP socket at `address`.
+    fn connect(&self, address: Address, options: Options) -> BoxFut<Result<Client, Error>>;
     /// Binds a listener at `path`, calls `bound` (which starts a QEMU that connects to it), then
     /// accepts.
     fn accept(
@@ -63,7 +63,7 @@ pub async fn recv<T: Send>(a: &dyn Adapter, rx: mpsc::Receiver<T>) -> T {
 }
 
 async fn connect(a: &dyn Adapter, server: &FakeServer) -> Client {
-    a.connect(server.path().to_owned(), Options::new())
+    a.connect(server.path().into(), Options::new())
         .await
         .expect("connect")
 }
@@ -81,7 +81,7 @@ pub async fn qemu_handshake(a: &'static dyn Adapter) {
     for enable in [true, false] {
         let config = Config::builder().enable_oob(enable).build().expect("valid");
         let client = a
-            .connect(qsd.socket().to_owned(), Options::new().config(config))
+            .connect(qsd.socket().into(), Options::new().config(config))
             .await
             .unwrap_or_else(|e| panic!("connect, oob {enable}: {e:?}"));
         assert_eq!(client.oob_enabled(), enable);
@@ -97,7 +97,7 @@ pub async fn qemu_handshake(a: &'static dyn Adapter) {
     // A monitor serves one client at a time: a second one is not greeted while the first stays,
     // and connecting says so; once the first leaves, the next is served.
     let first = a
-        .connect(qsd.socket().to_owned(), Options::new())
+        .connect(qsd.socket().into(), Options::new())
         .await
         .expect("first client");
     // QEMU's queue of pending connections holds one: the later attempts find it full, and must
@@ -106,7 +106,7 @@ pub async fn qemu_handshake(a: &'static dyn Adapter) {
         let started = std::time::Instant::now();
         let other = a
             .connect(
-                qsd.socket().to_owned(),
+                qsd.socket().into(),
                 Options::new().connect_timeout(Duration::from_millis(300)),
             )
             .await;
@@ -121,17 +121,42 @@ pub async fn qemu_handshake(a: &'static dyn Adapter) {
     }
     first.disconnect().await;
     let next = a
-        .connect(qsd.socket().to_owned(), Options::new())
+        .connect(qsd.socket().into(), Options::new())
         .await
         .expect("the next client, once the first left");
     next.execute("query-version", ()).await.expect("served");
+}
+
+/// A client that connects while QEMU is still starting (`Options::wait_for_server`): here over a
+/// stale socket file, as a restarted QEMU at the same path finds it, which QEMU replaces.
+pub async fn qemu_started_after_connect(a: &'static dyn Adapter) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("vm.qmp");
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    let (tx, rx) = mpsc::channel();
+    let starter = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            tx.send(Qsd::listen_at(&socket)).expect("send");
+        })
+    };
+    let options = Options::new()
+        .wait_for_server(true)
+        .connect_timeout(Duration::from_secs(20));
+    let client = a.connect(socket.into(), options).await.expect("connect");
+    let _qsd = recv(a, rx).await;
+    starter.join().expect("starter");
+    let version = client.execute("query-version", ()).await.expect("served");
+    assert_eq!(version["qemu"]["major"], client.greeting().version.major);
+    client.disconnect().await;
 }
 
 /// Error classes, typed results, `blockdev-add`, introspection.
 pub async fn qemu_errors_typed_and_introspection(a: &'static dyn Adapter) {
     let qsd = Qsd::start();
     let client = a
-        .connect(qsd.socket().to_owned(), Options::new())
+        .connect(qsd.socket().into(), Options::new())
         .await
         .expect("connect");
     assert!(
@@ -183,7 +208,7 @@ pub async fn qemu_errors_typed_and_introspection(a: &'static dyn Adapter) {
 pub async fn qemu_mirror_job_events(a: &'static dyn Adapter) {
     let qsd = Qsd::start_pretty();
     let client = a
-        .connect(qsd.socket().to_owned(), Options::new())
+        .connect(qsd.socket().into(), Options::new())
         .await
         .expect("connect");
     for node in ["src", "tgt"] {
@@ -276,7 +301,7 @@ pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
 pub async fn qemu_thousand_concurrent_executes(a: &'static dyn Adapter) {
     let qsd = Qsd::start();
     let client = a
-        .connect(qsd.socket().to_owned(), Options::new())
+        .connect(qsd.socket().into(), Options::new())
         .await
         .expect("connect");
     let callers = (0..50).map(|t| {
@@ -304,7 +329,7 @@ pub async fn qemu_thousand_concurrent_executes(a: &'static dyn Adapter) {
 pub async fn qemu_killed_mid_flight(a: &'static dyn Adapter) {
     let mut qsd = Qsd::start();
     let client = a
-        .connect(qsd.socket().to_owned(), Options::new())
+        .connect(qsd.socket().into(), Options::new())
         .await
         .expect("connect");
     let mut events = client.subscribe(EventFilter::all());
@@ -432,7 +457,7 @@ pub async fn fake_oob_reordering(a: &'static dyn Adapter) {
         c.serve_forever();
     });
     let client = a
-        .connect(server.path().to_owned(), oob())
+        .connect(server.path().into(), oob())
         .await
         .expect("connect");
     let first = client.execute("slow-a", ());
@@ -486,7 +511,7 @@ pub async fn fake_event_flood_lag(a: &'static dyn Adapter) {
         c.serve_forever();
     });
     let client = a
-        .connect(server.path().to_owned(), Options::new().event_buffer(16))
+        .connect(server.path().into(), Options::new().event_buffer(16))
         .await
         .expect("connect");
     let slow = client.subscribe(EventFilter::name("TICK"));
@@ -540,7 +565,7 @@ pub async fn fake_limits(a: &'static dyn Adapter) {
         .build()
         .expect("valid");
     let client = a
-        .connect(server.path().to_owned(), Options::new().config(config))
+        .connect(server.path().into(), Options::new().config(config))
         .await
         .expect("connect");
     let err = client.execute("big", ()).await.expect_err("too large");
@@ -624,7 +649,7 @@ pub async fn fake_cancel_safety(a: &'static dyn Adapter) {
     });
     // OOB on: at most 8 in-band commands in flight, so a 9th waits in the client.
     let client = a
-        .connect(server.path().to_owned(), oob())
+        .connect(server.path().into(), oob())
         .await
         .expect("connect");
     let holders = join_all((0..8).map(|_| client.execute("hold", ())));
@@ -730,7 +755,7 @@ pub async fn fake_lifecycle(a: &'static dyn Adapter) {
 
     let mute = FakeServer::start(|c| while c.recv().is_some() {});
     let options = Options::new().connect_timeout(Duration::from_millis(300));
-    let result = a.connect(mute.path().to_owned(), options).await;
+    let result = a.connect(mute.path().into(), options).await;
     assert!(matches!(result, Err(Error::NoGreeting)), "{result:?}");
     // Greeted, but `qmp_capabilities` is never answered: a plain timeout. (Time enough for the
     // greeting to arrive on a loaded machine.)
@@ -739,12 +764,12 @@ pub async fn fake_lifecycle(a: &'static dyn Adapter) {
         while c.recv().is_some() {}
     });
     let options = Options::new().connect_timeout(Duration::from_secs(2));
-    let result = a.connect(stuck.path().to_owned(), options).await;
+    let result = a.connect(stuck.path().into(), options).await;
     assert!(matches!(result, Err(Error::Timeout)), "{result:?}");
 
     // Nothing listening: an I/O error of the usual kind, whose message names the address.
     let missing = stuck.path().with_file_name("no-such.sock");
-    match a.connect(missing.clone(), Options::new()).await {
+    match a.connect(missing.clone().into(), Options::new()).await {
         Err(Error::Io(e)) => {
             assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
             let message = e.to_string();
@@ -756,6 +781,123 @@ pub async fn fake_lifecycle(a: &'static dyn Adapter) {
     }
 }
 
+/// `Options::wait_for_server`: a connect made before the server is up retries until it is (the
+/// socket file missing, or refusing connections), and at the deadline reports what the last
+/// attempt met; without it, a missing socket fails at once.
+pub async fn fake_server_started_late(a: &'static dyn Adapter) {
+    let late = FakeServer::start_later(Duration::from_millis(300), |c| {
+        c.handshake();
+        let r = c.expect("query-version");
+        c.reply(&r.command, json!({"qemu": {"major": 10}}));
+        while c.recv().is_some() {}
+    });
+    let started = std::time::Instant::now();
+    let client = a
+        .connect(
+            late.path().into(),
+            Options::new()
+                .wait_for_server(true)
+                .connect_timeout(Duration::from_secs(20)),
+        )
+        .await
+        .expect("connected once the server came up");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let version = client.execute("query-version", ()).await.expect("served");
+    assert_eq!(version["qemu"]["major"], 10);
+    client.disconnect().await;
+    late.check();
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("never.sock");
+    let quick = Options::new().connect_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    match a.connect(missing.clone().into(), quick.clone()).await {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}"),
+        other => panic!("no server, not waiting: {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "failed at once"
+    );
+    match a
+        .connect(missing.into(), quick.clone().wait_for_server(true))
+        .await
+    {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}"),
+        other => panic!("no server, waiting: {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(250), "waited");
+
+    // A socket file nobody listens on (a QEMU that died): refused, so retried until the deadline.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    let started = std::time::Instant::now();
+    match a
+        .connect(stale.clone().into(), quick.wait_for_server(true))
+        .await
+    {
+        Err(Error::Io(e)) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+            assert!(e.to_string().contains(&*stale.to_string_lossy()), "{e}");
+        }
+        other => panic!("stale socket, waiting: {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // TCP: a port nobody listens on yet refuses, at once without the option.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let address = Address::from(port);
+    match a.connect(address.clone(), Options::new()).await {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
+        other => panic!("no TCP server, not waiting: {other:?}"),
+    }
+    let server = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let listener = std::net::TcpListener::bind(port).expect("bind the port again");
+        let (mut stream, _) = listener.accept().expect("accept");
+        serve_replies(&mut stream);
+    });
+    let client = a
+        .connect(
+            address,
+            Options::new()
+                .wait_for_server(true)
+                .connect_timeout(Duration::from_secs(20)),
+        )
+        .await
+        .expect("connected once the TCP server came up");
+    assert_eq!(
+        client.execute("query-version", ()).await.expect("served"),
+        json!({})
+    );
+    client.disconnect().await;
+    server.join().expect("server thread");
+}
+
+/// A minimal QMP server on `stream`: greets, then answers every command with `{}` until EOF.
+fn serve_replies(stream: &mut (impl std::io::Read + std::io::Write)) {
+    let greeting = format!("{GREETING}\r\n");
+    if stream.write_all(greeting.as_bytes()).is_err() {
+        return;
+    }
+    let (mut inbox, mut buf) = (Vec::new(), [0; 4096]);
+    while let Ok(n @ 1..) = stream.read(&mut buf) {
+        inbox.extend_from_slice(&buf[..n]);
+        for cmd in crate::take_commands(&mut inbox) {
+            let reply = format!("{{\"return\": {{}}, \"id\": {}}}\r\n", cmd["id"]);
+            if stream.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// Handshake failures are protocol errors that say what went wrong.
 pub async fn fake_handshake_failures(a: &'static dyn Adapter) {
     let refuse = FakeServer::start(|c| {
@@ -764,7 +906,7 @@ pub async fn fake_handshake_failures(a: &'static dyn Adapter) {
         c.reply_error(&caps.command, "GenericError", "no");
     });
     let err = a
-        .connect(refuse.path().to_owned(), Options::new())
+        .connect(refuse.path().into(), Options::new())
         .await
         .expect_err("refused");
     assert!(
@@ -773,7 +915,7 @@ pub async fn fake_handshake_failures(a: &'static dyn Adapter) {
     );
     let agent = FakeServer::start(|c| c.send(&json!({"return": {}})));
     let err = a
-        .connect(agent.path().to_owned(), Options::new())
+        .connect(agent.path().into(), Options::new())
         .await
         .expect_err("no greeting");
     assert!(
@@ -782,7 +924,7 @@ pub async fn fake_handshake_failures(a: &'static dyn Adapter) {
     );
     let eof = FakeServer::start(ServerConn::close);
     let err = a
-        .connect(eof.path().to_owned(), Options::new())
+        .connect(eof.path().into(), Options::new())
         .await
         .expect_err("eof");
     assert!(
@@ -1317,6 +1459,7 @@ macro_rules! conformance {
         $crate::conformance!(@tests $adapter;
             qemu_handshake, qemu_errors_typed_and_introspection, qemu_mirror_job_events,
             qemu_accept_mode, qemu_thousand_concurrent_executes, qemu_killed_mid_flight,
+            qemu_started_after_connect, fake_server_started_late,
             fake_fragmented_writes, fake_line_based_server, fake_garbage_pretty_and_cascades,
             fake_oob_reordering,
             fake_disconnect_mid_reply, fake_event_flood_lag, fake_limits, fake_fd_passing,

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use qmp_client::{BoxFuture, Runtime, SocketFile, Timer, Transport, send_with_fds};
+use qmp_client::{BoxFuture, Dial, Runtime, SocketFile, Timer, Transport, send_with_fds};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -92,34 +92,30 @@ async fn open(
 ) -> Result<(Stream, Options), Error> {
     let deadline = options.connect_timeout_value();
     let started = Instant::now();
-    let mut queue_full = false;
+    let mut dial = Dial::new(&options, monitor);
     let connecting = async {
-        match &address {
-            Address::Unix(path) => loop {
-                match qmp_client::try_connect_unix(path)? {
-                    Some(s) => return UnixStream::from_std(s).map(Stream::Unix),
-                    None => {
-                        queue_full = true;
-                        tokio::time::sleep(qmp_client::CONNECT_RETRY).await;
-                    }
-                }
-            },
-            Address::Tcp(hostport) => {
-                let s = TcpStream::connect(hostport.as_str()).await?;
-                s.set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
+        loop {
+            let outcome = match &address {
+                Address::Unix(path) => qmp_client::try_connect_unix(path)
+                    .and_then(|s| s.map(UnixStream::from_std).transpose())
+                    .map(|s| s.map(Stream::Unix)),
+                Address::Tcp(hostport) => TcpStream::connect(hostport.as_str())
+                    .await
+                    .and_then(|s| s.set_nodelay(true).map(|()| Some(Stream::Tcp(s)))),
+                // `Address` is non-exhaustive; a kind this adapter does not know cannot connect.
+                other => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("{other}"),
+                )),
+            };
+            if let Some(stream) = dial.attempt(outcome)? {
+                return Ok::<_, io::Error>(stream);
             }
-            // `Address` is non-exhaustive; a kind this adapter does not know cannot connect.
-            other => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{other}"),
-            )),
+            tokio::time::sleep(qmp_client::CONNECT_RETRY).await;
         }
     };
     let stream = match tokio::time::timeout(deadline, connecting).await {
-        // A busy server: see `NoGreeting`.
-        Err(_) if queue_full => return Err(qmp_client::queue_full_error(monitor)),
-        Err(_) => return Err(Error::Timeout),
+        Err(_) => return Err(dial.expired(&address)),
         // The system's own connect timeout (TCP), reported as the other adapters do.
         Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(Error::Timeout),
         Ok(connected) => connected.map_err(|e| address.connect_error(e))?,

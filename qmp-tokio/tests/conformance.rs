@@ -4,13 +4,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use qmp_testkit::scenarios::{Adapter, BoxFut};
-use qmp_tokio::{Client, Error, GuestAgent, Options};
+use qmp_tokio::{Address, Client, Error, GuestAgent, Options};
 
 struct Tokio;
 
 impl Adapter for Tokio {
-    fn connect(&self, path: PathBuf, options: Options) -> BoxFut<Result<Client, Error>> {
-        Box::pin(qmp_tokio::connect(path, options))
+    fn connect(&self, address: Address, options: Options) -> BoxFut<Result<Client, Error>> {
+        Box::pin(qmp_tokio::connect(address, options))
     }
 
     fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {
