@@ -118,13 +118,7 @@ async fn open(
                 Address::Unix(path) => qmp_client::try_connect_unix(path)
                     .and_then(|s| s.map(Async::new).transpose())
                     .map(|s| s.map(Stream::Unix)),
-                Address::Tcp(hostport) => match resolve(hostport) {
-                    Ok(addr) => Async::<TcpStream>::connect(addr).await.and_then(|s| {
-                        s.get_ref().set_nodelay(true)?;
-                        Ok(Some(Stream::Tcp(s)))
-                    }),
-                    Err(e) => Err(e),
-                },
+                Address::Tcp(hostport) => connect_tcp(hostport).await.map(|s| Some(Stream::Tcp(s))),
                 other => Err(io::Error::new(
                     io::ErrorKind::Unsupported,
                     format!("{other}"),
@@ -151,14 +145,37 @@ async fn open(
     Ok((stream, options))
 }
 
+/// The first address `hostport` resolves to, for a listener. The lookup blocks, but briefly
+/// (usually a literal address).
 fn resolve(hostport: &str) -> io::Result<std::net::SocketAddr> {
-    // Resolution is blocking but brief (usually a literal address); a connect is rare.
     hostport.to_socket_addrs()?.next().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("no address for {hostport}"),
         )
     })
+}
+
+/// Connects to `hostport`, trying each address it resolves to in turn (`localhost` may be `::1`
+/// first, and QEMU listening on 127.0.0.1 only). The name lookup blocks, but briefly (usually a
+/// literal address), and connecting is rare.
+async fn connect_tcp(hostport: &str) -> io::Result<Async<TcpStream>> {
+    let mut last = None;
+    for addr in hostport.to_socket_addrs()? {
+        match Async::<TcpStream>::connect(addr).await {
+            Ok(s) => {
+                s.get_ref().set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("no address for {hostport}"),
+        )
+    }))
 }
 
 /// Runs a client over a connected unix socket (one of a `socketpair`, or inherited). File

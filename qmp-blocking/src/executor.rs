@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::pin::{Pin, pin};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, PoisonError, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
@@ -67,7 +67,8 @@ pub(crate) struct Shared {
     want_write: AtomicBool,
     timer: Mutex<Option<Instant>>,
     /// Written to wake the thread; `wake_pending` avoids writing more than one byte at a time.
-    wake_tx: UnixStream,
+    /// `None` once the task has ended, as `poller`.
+    wake_tx: Mutex<Option<UnixStream>>,
     wake_pending: AtomicBool,
     /// A calling thread is about to poll the task itself: wakes are noted in `assist_dirty`
     /// instead of written to the pipe.
@@ -78,12 +79,18 @@ pub(crate) struct Shared {
     /// A lone call is waiting for its reply by running the task on its own thread (see
     /// [`Shared::lead`]); the connection's thread then sleeps on the wake pipe only.
     leader: AtomicBool,
+    /// Counts leads taken, so the connection's thread can tell one long lead from many short
+    /// ones.
+    leads: AtomicU64,
+    /// The connection's thread sleeps on the wake pipe until the lead ends: whoever ends it
+    /// writes the pipe.
+    lead_watched: AtomicBool,
     /// What the connection's thread waits on, shared with a leading call; `None` once the task
     /// has ended, so that handles outliving the connection hold no descriptor of it.
     poller: Mutex<Option<Arc<Poller>>>,
     /// Wakes the leading call: its own wake-up, which the connection's thread cannot drain from
     /// the shared pipe before the call sees it. Written only while the call sleeps.
-    lead_tx: UnixStream,
+    lead_tx: Mutex<Option<UnixStream>>,
     lead_woken: AtomicBool,
     lead_sleeping: AtomicBool,
     lead_waker: Waker,
@@ -168,9 +175,14 @@ impl Poller {
     }
 }
 
-/// How long the connection's thread leaves the socket to a leading call before it checks whether
-/// the call is over. Bounds how late an event that arrives after a call is read.
+/// How long a leading call whose task another thread is polling waits before it looks again;
+/// and how often the connection's thread looks whether the calls holding the socket are over.
+/// Bounds how late an event that arrives after a call is read.
 const LEADER_CHECK: Duration = Duration::from_millis(2);
+
+/// How many [`LEADER_CHECK`]s into one lead the connection's thread stops looking and sleeps
+/// until it ends.
+const LEADER_CHECKS: u32 = 10;
 
 /// The transport, timer and runtime of one connection over `io`, and the state client handles
 /// keep to [`lead`](Shared::lead) it.
@@ -191,18 +203,20 @@ pub(crate) fn parts(
         want_read: AtomicBool::new(false),
         want_write: AtomicBool::new(false),
         timer: Mutex::new(None),
-        wake_tx,
+        wake_tx: Mutex::new(Some(wake_tx)),
         wake_pending: AtomicBool::new(false),
         assisting: AtomicBool::new(false),
         assist_dirty: AtomicBool::new(false),
         calls: AtomicUsize::new(0),
         leader: AtomicBool::new(false),
+        leads: AtomicU64::new(0),
+        lead_watched: AtomicBool::new(false),
         poller: Mutex::new(Some(Arc::new(Poller {
             fd,
             wake_rx,
             lead_rx,
         }))),
-        lead_tx,
+        lead_tx: Mutex::new(Some(lead_tx)),
         lead_woken: AtomicBool::new(false),
         lead_sleeping: AtomicBool::new(false),
         lead_waker: SharedWaker::waker(shared, Shared::wake_leader),
@@ -350,10 +364,19 @@ impl Runtime for PollRuntime {
     }
 
     fn sleep(&self, duration: Duration) -> BoxFuture {
-        Box::pin(Sleep {
-            at: Instant::now() + duration,
-            key: None,
-        })
+        match Instant::now().checked_add(duration) {
+            Some(at) => Box::pin(Sleep { at, key: None }),
+            // Beyond what an `Instant` holds (`Duration::MAX` for "no limit"): never.
+            None => Box::pin(std::future::pending()),
+        }
+    }
+}
+
+/// Writes a byte to a wake pipe, unless it is closed (the task has ended). Full: a wake is pending
+/// anyway.
+fn write_wake(tx: &Mutex<Option<UnixStream>>) {
+    if let Some(tx) = &*tx.lock().unwrap_or_else(PoisonError::into_inner) {
+        let _ = (&*tx).write(&[1]);
     }
 }
 
@@ -395,7 +418,7 @@ impl Shared {
     fn wake_leader(&self) {
         self.lead_woken.store(true, Ordering::SeqCst);
         if self.lead_sleeping.load(Ordering::SeqCst) {
-            let _ = (&self.lead_tx).write(&[1]);
+            write_wake(&self.lead_tx);
         }
     }
 
@@ -408,7 +431,7 @@ impl Shared {
             }
         }
         if !self.wake_pending.swap(true, Ordering::SeqCst) {
-            let _ = (&self.wake_tx).write(&[1]);
+            write_wake(&self.wake_tx);
         }
     }
 
@@ -453,6 +476,9 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        for tx in [&self.wake_tx, &self.lead_tx] {
+            tx.lock().unwrap_or_else(PoisonError::into_inner).take();
+        }
     }
 
     /// Runs `first` (a poll of a future that may submit commands), then polls the task on this
@@ -545,10 +571,9 @@ impl Shared {
                     let check = Instant::now() + LEADER_CHECK;
                     poller.wait(self, Some((true, false)), Some(check), true);
                 }
-                // Only `future`'s own wakers are left to wait for.
-                Polled::Ended => {
-                    poller.wait(self, None, None, true);
-                }
+                // Only `future`'s own wakers are left to wait for, and the wake pipes close with
+                // the connection (see `ended`): wait as any blocking call does.
+                Polled::Ended => return block_on(future),
             }
         }
     }
@@ -580,18 +605,46 @@ fn run(shared: &Arc<Shared>, poller: &Poller) {
             shared.lead_waker.wake_by_ref();
         }
         let (read, write, deadline) = waits_on;
-        loop {
-            if !shared.leader.load(Ordering::SeqCst) {
-                poller.wait(shared, Some((read, write)), deadline, false);
-                break;
-            }
-            // A call is reading the socket and keeping the task's deadlines itself: only a wake
-            // is this thread's business, or the call's end.
-            let check = Instant::now() + LEADER_CHECK;
-            let woken = poller.wait(shared, None, Some(check), false);
-            if woken || !shared.leader.load(Ordering::SeqCst) {
-                break;
-            }
+        if !shared.leader.load(Ordering::SeqCst) {
+            poller.wait(shared, Some((read, write)), deadline, false);
+            continue;
+        }
+        watch_leads(shared, poller);
+    }
+}
+
+/// While calls hold the socket (each reading it and keeping the task's deadlines), the
+/// connection's thread has only wakes to handle, and the socket to take back when they stop. It
+/// looks every [`LEADER_CHECK`] whether they have: cheaper than being woken at the end of each of
+/// many short calls. A lead that lasts [`LEADER_CHECKS`] checks (a `Client::block_on` waiting
+/// for an event, say) it sleeps through, and is woken when it ends.
+fn watch_leads(shared: &Shared, poller: &Poller) {
+    let mut lead = shared.leads.load(Ordering::SeqCst);
+    let mut checks = 0;
+    while checks < LEADER_CHECKS {
+        let check = Instant::now() + LEADER_CHECK;
+        if poller.wait(shared, None, Some(check), false) || !shared.leader.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = shared.leads.load(Ordering::SeqCst);
+        checks = if now == lead { checks + 1 } else { 0 };
+        lead = now;
+    }
+    // SeqCst, with the leader's: either the lead's end sees the flag and writes the pipe, or
+    // this sees the lead over.
+    shared.lead_watched.store(true, Ordering::SeqCst);
+    if shared.leader.load(Ordering::SeqCst) && shared.leads.load(Ordering::SeqCst) == lead {
+        poller.wait(shared, None, None, false);
+    }
+    shared.lead_watched.store(false, Ordering::SeqCst);
+}
+
+impl Shared {
+    /// The lead has just been given up (`leader` cleared): wakes the connection's thread if it
+    /// sleeps until then, or if calls that started meanwhile wait for replies nobody reads now.
+    fn lead_ended(&self) {
+        if self.lead_watched.load(Ordering::SeqCst) || self.calls.load(Ordering::SeqCst) > 1 {
+            self.wake();
         }
     }
 }
@@ -729,15 +782,22 @@ impl Drop for Sleep {
     }
 }
 
-struct ThreadWaker(Thread);
+/// Wakes one [`block_on`]: its own flag, then the thread. The flag is what the loop trusts. The
+/// thread's park token is shared by every `block_on` on it, so a nested one (a blocking call made
+/// from a future that `block_on` runs) may consume the token of an outer one's wake.
+struct ThreadWaker {
+    thread: Thread,
+    woken: AtomicBool,
+}
 
 impl Wake for ThreadWaker {
     fn wake(self: Arc<Self>) {
-        self.0.unpark();
+        self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
+        self.woken.store(true, Ordering::Release);
+        self.thread.unpark();
     }
 }
 
@@ -771,6 +831,7 @@ impl<'a> Lead<'a> {
             .leader
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .ok()?;
+        shared.leads.fetch_add(1, Ordering::SeqCst);
         let held = Rc::new(Cell::new(true));
         LEADING.with(|l| l.borrow_mut().push((Arc::clone(shared), Rc::clone(&held))));
         Some(Self { shared, held })
@@ -784,10 +845,7 @@ impl Drop for Lead<'_> {
             return;
         }
         self.shared.leader.store(false, Ordering::SeqCst);
-        // Calls that started meanwhile wait for replies that nobody reads now.
-        if self.shared.calls.load(Ordering::SeqCst) > 1 {
-            self.shared.wake();
-        }
+        self.shared.lead_ended();
     }
 }
 
@@ -832,6 +890,7 @@ impl Drop for Suspended {
                 .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
+                shared.leads.fetch_add(1, Ordering::SeqCst);
                 held.set(true);
                 shared.assisting.store(assisting, Ordering::SeqCst);
                 // Look at everything again: wakes went elsewhere meanwhile.
@@ -874,13 +933,21 @@ fn lead_or_park<F: Future>(shared: &Arc<Shared>, future: Pin<&mut F>, lead: bool
 pub fn block_on<F: Future>(future: F) -> F::Output {
     let _suspended = Suspended::leads();
     let mut future = pin!(future);
-    let waker = Waker::from(Arc::new(ThreadWaker(thread::current())));
+    let signal = Arc::new(ThreadWaker {
+        thread: thread::current(),
+        woken: AtomicBool::new(false),
+    });
+    let waker = Waker::from(Arc::clone(&signal));
     let mut cx = Context::from_waker(&waker);
     loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
             return output;
         }
-        thread::park();
+        // A wake during the poll set the flag: poll again at once. Wake-ups without it (another
+        // `block_on`'s, spurious ones) go back to sleep.
+        while !signal.woken.swap(false, Ordering::Acquire) {
+            thread::park();
+        }
     }
 }
 

@@ -171,20 +171,31 @@ fn open(address: Address, options: Options, monitor: bool) -> Result<(Io, Option
     Ok((stream, options))
 }
 
-/// One TCP connect to `hostport` that gives up after `timeout`.
+/// Connects to `hostport`, trying each address it resolves to in turn (`localhost` may be `::1`
+/// first, and QEMU listening on 127.0.0.1 only), within `timeout` in all. The name lookup itself
+/// is the system's, and not bounded by `timeout`.
 fn connect_tcp(hostport: &str, timeout: Duration) -> io::Result<TcpStream> {
-    let addr = hostport.to_socket_addrs()?.next().ok_or_else(|| {
+    let started = Instant::now();
+    let mut last = None;
+    for addr in hostport.to_socket_addrs()? {
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("no address for {hostport}"),
         )
-    })?;
-    if timeout.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    let s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_nodelay(true)?;
-    Ok(s)
+    }))
 }
 
 /// Runs a client over a connected unix socket (one of a `socketpair`, or inherited). File
@@ -193,9 +204,11 @@ pub fn wrap_unix(stream: UnixStream, options: Options) -> Result<Client, Error> 
     start(Io::Unix(stream), options)
 }
 
-/// Runs a client over any stream with a file descriptor that `poll(2)` understands (a pipe pair
-/// joined into one type, a socket wrapper, ...). It is switched to non-blocking mode. File
-/// descriptors cannot be passed over it.
+/// Runs a client over any stream whose reads and writes all go through the one descriptor its
+/// `AsFd` gives: a socket, or a wrapper around one (TLS over a TCP socket, ...). That descriptor
+/// is switched to non-blocking mode and watched with `poll(2)`. A stream split over two
+/// descriptors (a pair of pipes) is not supported: the one not watched would block the
+/// connection's thread, timeouts and all. File descriptors cannot be passed over it.
 pub fn wrap<S>(stream: S, options: Options) -> Result<Client, Error>
 where
     S: io::Read + io::Write + AsFd + Send + 'static,
@@ -213,6 +226,8 @@ where
 
 fn start(io: Io, options: Options) -> Result<Client, Error> {
     let (transport, timer, runtime, shared) = executor::parts(io)?;
+    // The connection's task is this crate's to run: see `Options::spawner`.
+    let options = options.without_spawner();
     let inner = block_on(qmp_client::Client::start(
         transport, timer, options, runtime,
     ))?;
@@ -221,6 +236,7 @@ fn start(io: Io, options: Options) -> Result<Client, Error> {
 
 fn start_guest_agent(io: Io, options: Options) -> Result<GuestAgent, Error> {
     let (transport, timer, runtime, shared) = executor::parts(io)?;
+    let options = options.without_spawner();
     let inner = block_on(qmp_client::GuestAgent::start(
         transport, timer, options, runtime,
     ))?;

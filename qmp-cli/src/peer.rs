@@ -185,7 +185,8 @@ impl SpawnedQsd {
             socket,
             _dir: dir,
         };
-        let deadline = Instant::now() + timeout;
+        // `None`: a timeout too large for an `Instant`, no limit.
+        let deadline = Instant::now().checked_add(timeout);
         // Ready once it has written its pid file, which QEMU documents it does after setting up
         // every chardev and monitor (its socket listens earlier; a client that connects in
         // between is not always served).
@@ -195,7 +196,7 @@ impl SpawnedQsd {
                     "qemu-storage-daemon exited early ({status})"
                 )));
             }
-            if Instant::now() > deadline {
+            if deadline.is_some_and(|d| Instant::now() > d) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "qemu-storage-daemon was not ready in time",

@@ -148,10 +148,11 @@ impl GuestAgent {
         arguments: impl Serialize,
         wait: Duration,
     ) -> Result<NoReply, Error> {
-        let cmd = Command::new(name)
-            .arguments(&arguments)?
-            .no_reply()
-            .deadline(Instant::now() + wait);
+        let mut cmd = Command::new(name).arguments(&arguments)?.no_reply();
+        // Beyond what an `Instant` holds: wait for EOF or an error however long it takes.
+        if let Some(at) = Instant::now().checked_add(wait) {
+            cmd = cmd.deadline(at);
+        }
         match self.client.without_timeout().call(cmd).await {
             Ok(raw) => Ok(NoReply::Returned(raw.to_value().map_err(Error::Decode)?)),
             Err(Error::Command(CommandError::NoReply { closed: true })) => Ok(NoReply::Closed),

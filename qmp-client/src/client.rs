@@ -169,8 +169,17 @@ impl Options {
     /// Runs the connection's task with `spawn` instead of the adapter's default (tokio: the
     /// current runtime; async-std/smol: a thread of its own). With smol, for example, pass
     /// `move |task| executor.spawn(task).detach()` to keep everything on your executor.
+    /// `qmp-blocking` ignores it: its connection's task runs on a thread of its own that the
+    /// blocking calls coordinate with, and would never be woken on another executor.
     pub fn spawner(mut self, spawn: impl Fn(BoxFuture) + Send + Sync + 'static) -> Self {
         self.spawner = Some(Arc::new(spawn));
+        self
+    }
+
+    /// The options without a [`spawner`](Self::spawner), for an adapter whose connection's task
+    /// must run its own way (`qmp-blocking`).
+    pub fn without_spawner(mut self) -> Self {
+        self.spawner = None;
         self
     }
 
@@ -460,8 +469,9 @@ impl Client {
     /// future is (into a `FuturesUnordered`, a spawned task): 408 bytes for `execute_as` instead
     /// of 136.
     pub(crate) fn submit(&self, mut cmd: Command, fds: Vec<OwnedFd>) -> Call<'_> {
-        if let Some(timeout) = self.timeout {
-            cmd = cmd.deadline(Instant::now() + timeout);
+        // A timeout beyond what an `Instant` holds (`Duration::MAX` for "no limit") is none.
+        if let Some(at) = self.timeout.and_then(|t| Instant::now().checked_add(t)) {
+            cmd = cmd.deadline(at);
         }
         // Dropping the call gives it up; the driver forgets the request: never written if it was
         // still queued, its response discarded otherwise.

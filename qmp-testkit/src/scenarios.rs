@@ -681,13 +681,39 @@ pub async fn fake_timeouts(a: &'static dyn Adapter) {
         std::thread::sleep(Duration::from_millis(300));
         c.reply(&slow.command, json!("late"));
         c.reply(&next.command, json!("next"));
-        c.serve_forever();
+        while let Some(r) = c.recv() {
+            if r.name() == "emit" {
+                c.event("E", json!({}));
+            }
+            c.reply(&r.command, json!({}));
+        }
     });
     let client = connect(a, &server).await;
     let quick = client.with_timeout(Duration::from_millis(100));
     let (slow, next) = futures_util::join!(quick.execute("slow", ()), client.execute("next", ()));
     assert!(matches!(slow, Err(Error::Timeout)), "{slow:?}");
     assert_eq!(next.expect("next"), json!("next"));
+    assert!(client.execute("query-version", ()).await.is_ok());
+
+    // `Duration::MAX` is "no limit", wherever a duration is taken (no `Instant` overflow).
+    let forever = client.with_timeout(Duration::MAX);
+    assert!(forever.execute("query-version", ()).await.is_ok());
+    let mut events = client.subscribe(EventFilter::name("E"));
+    let (event, sent) = futures_util::join!(
+        events.recv_timeout(Duration::MAX),
+        client.execute("emit", ())
+    );
+    assert_eq!(event.expect("event").name, "E");
+    assert!(sent.is_ok());
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        c.serve_forever();
+    });
+    let patient = Options::new().connect_timeout(Duration::MAX);
+    let client = a
+        .connect(server.path().into(), patient)
+        .await
+        .expect("connect");
     assert!(client.execute("query-version", ()).await.is_ok());
 }
 
