@@ -165,7 +165,12 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> u8 {
     // Parse everything before connecting, so usage errors never touch the peer.
     let mode = if let Some(json) = &cli.json {
         match serde_json::from_str::<Value>(json) {
-            Ok(v @ Value::Object(_)) => Mode::Execute(v),
+            // What the client will take (`execute` or `exec-oob` naming a command, `arguments` an
+            // object), checked now rather than after connecting.
+            Ok(v @ Value::Object(_)) => match qmp_tokio::Command::from_json(v.clone()) {
+                Ok(_) => Mode::Execute(v),
+                Err(e) => return usage(format_args!("--json: {e}")),
+            },
             Ok(_) => return usage("--json needs a JSON object"),
             Err(e) => return usage(format_args!("--json is not valid JSON: {e}")),
         }

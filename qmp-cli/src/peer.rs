@@ -21,6 +21,14 @@ pub(crate) enum Peer {
 
 impl Peer {
     /// The QMP client, if this is a monitor.
+    /// Whether the connection has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            Self::Qmp(c) => c.is_closed(),
+            Self::Agent(a) => a.is_closed(),
+        }
+    }
+
     pub(crate) fn client(&self) -> Option<&Client> {
         match self {
             Self::Qmp(c) => Some(c),
@@ -76,7 +84,8 @@ pub(crate) async fn connect(spec: &ConnectSpec) -> Result<Peer, Error> {
     if let Some(t) = spec.timeout {
         options = options.connect_timeout(t).timeout(t);
     }
-    if spec.no_negotiate {
+    // A guest agent has no capabilities to negotiate (and keeps its own limits).
+    if spec.no_negotiate && !spec.agent {
         let config = Config::builder()
             .negotiate(false)
             .build()

@@ -2,6 +2,7 @@
 //! `transaction(` blocks and `hmp` passthrough.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use qmp_tokio::{Event, EventFilter, Lagged};
@@ -301,12 +302,18 @@ pub(crate) fn run(session: &Session, runtime: &tokio::runtime::Runtime, style: S
         }))
     });
 
-    match &client {
-        Some(c) => println!(
+    let banner = match &client {
+        Some(c) => format!(
             "Connected to QEMU {}. Tab completes commands and arguments; Ctrl-D quits.",
             c.greeting().version
         ),
-        None => println!("Connected to the guest agent. Ctrl-D quits."),
+        None => "Connected to the guest agent. Ctrl-D quits.".to_owned(),
+    };
+    // Output that cannot be written (a closed pipe: `qmp < cmds | head -1`) ends the session as
+    // end of input does, instead of a panic from `println!`.
+    let mut out = std::io::stdout();
+    if writeln!(out, "{banner}").is_err() {
+        return 0;
     }
     let prompt_normal = if client.is_some() {
         "(QEMU) "
@@ -389,20 +396,20 @@ pub(crate) fn run(session: &Session, runtime: &tokio::runtime::Runtime, style: S
             }
         };
         let hmp = command["execute"] == "human-monitor-command";
-        match runtime.block_on(session.execute(command)) {
-            Ok(Value::String(text)) if hmp => print!("{text}"),
-            Ok(value) => println!("{}", style.format(&value)),
+        let written = match runtime.block_on(session.execute(command)) {
+            Ok(Value::String(text)) if hmp => write!(out, "{text}").and_then(|()| out.flush()),
+            Ok(value) => writeln!(out, "{}", style.format(&value)),
             Err(e) => {
                 crate::report(&e);
-                if session
-                    .peer
-                    .client()
-                    .is_some_and(qmp_tokio::Client::is_closed)
-                {
+                if session.peer.is_closed() {
                     code = crate::EXIT_CONNECTION;
                     break;
                 }
+                Ok(())
             }
+        };
+        if written.is_err() {
+            break;
         }
     }
     if let Some(h) = &history {

@@ -1,0 +1,116 @@
+//! The `qmp` binary at its edges (found in review): a shell whose output pipe closes, a guest
+//! agent that goes away under the shell, and `--json` objects that are not commands.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qmp_testkit::{QemuGa, Qsd};
+
+fn qmp() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmp"));
+    cmd.env_remove("QMP_SOCKET")
+        .env("NO_COLOR", "1")
+        .env("QMP_HISTORY", "/dev/null");
+    cmd
+}
+
+/// Waits for `child` within `timeout`; kills it and panics otherwise.
+fn wait(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("qmp did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `qmp -s SOCK < commands | head -n1`: once stdout is a closed pipe the shell ends as at end of
+/// input (it panicked in `println!` before: exit 101 and a backtrace).
+#[test]
+fn shell_with_a_closed_stdout_ends_without_a_panic() {
+    let qsd = Qsd::start();
+    let mut child = qmp()
+        .args(["-s", qsd.socket().to_str().expect("utf-8")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qmp");
+    // The reader goes away at once, as `head` does after its first line.
+    drop(child.stdout.take());
+    let mut stdin = child.stdin.take().expect("stdin");
+    for _ in 0..3 {
+        let _ = stdin.write_all(b"query-version\n");
+    }
+    drop(stdin);
+    let status = wait(&mut child, Duration::from_secs(20));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert!(
+        !err.contains("panicked") && status.code() != Some(101),
+        "status {status:?}, stderr:\n{err}"
+    );
+}
+
+/// The shell ends with exit code 2 when the connection breaks, a guest agent's as a QMP
+/// monitor's (with an agent it went on, failing every line, and exited 0).
+#[test]
+fn agent_shell_exits_2_when_the_connection_breaks() {
+    let qga = QemuGa::start();
+    let socket = qga.socket().to_str().expect("utf-8").to_owned();
+    let mut child = qmp()
+        .args(["--agent", "-s", &socket])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qmp");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"guest-ping\n").expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    // The agent goes away (a guest rebooting, say).
+    drop(qga);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let _ = stdin.write_all(b"guest-ping\n");
+    }
+    drop(stdin);
+    let status = wait(&mut child, Duration::from_secs(20));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(2), "stderr:\n{err}");
+}
+
+/// A `--json` object that is not a command (no `execute`, arguments not an object) is a usage
+/// error found before connecting (it connected first, then failed with 1, or 2 with no socket).
+#[test]
+fn json_that_is_not_a_command_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("missing.qmp");
+    for json in [
+        r#"{"arguments": {}}"#,
+        r#"{"execute": 5}"#,
+        r#"{"execute": "x", "arguments": [1]}"#,
+    ] {
+        let out = qmp()
+            .args(["-s", missing.to_str().expect("utf-8")])
+            .args(["--json", json])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run qmp");
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{json}: stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
