@@ -933,12 +933,19 @@ fn lead_or_park<F: Future>(shared: &Arc<Shared>, future: Pin<&mut F>, lead: bool
 pub fn block_on<F: Future>(future: F) -> F::Output {
     let _suspended = Suspended::leads();
     let mut future = pin!(future);
-    let signal = Arc::new(ThreadWaker {
-        thread: thread::current(),
-        woken: AtomicBool::new(false),
-    });
-    let waker = Waker::from(Arc::clone(&signal));
-    let mut cx = Context::from_waker(&waker);
+    let cached = CachedWaker(Some(BLOCK_ON_WAKER.take().unwrap_or_else(|| {
+        let signal = Arc::new(ThreadWaker {
+            thread: thread::current(),
+            woken: AtomicBool::new(false),
+        });
+        (Waker::from(Arc::clone(&signal)), signal)
+    })));
+    let Some((waker, signal)) = &cached.0 else {
+        unreachable!("just set")
+    };
+    // A wake left over from an earlier call changes nothing: the future is polled next anyway.
+    signal.woken.store(false, Ordering::Relaxed);
+    let mut cx = Context::from_waker(waker);
     loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
             return output;
@@ -948,6 +955,23 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         while !signal.woken.swap(false, Ordering::Acquire) {
             thread::park();
         }
+    }
+}
+
+thread_local! {
+    /// The thread's waker for [`block_on`], kept between calls: every blocking call (each
+    /// `Subscription::recv` of an event flood) would otherwise allocate one. A nested call, finding
+    /// it taken, makes its own.
+    static BLOCK_ON_WAKER: Cell<Option<(Waker, Arc<ThreadWaker>)>> = const { Cell::new(None) };
+}
+
+/// Puts the waker back for the thread's next [`block_on`], whether the call returns or unwinds.
+struct CachedWaker(Option<(Waker, Arc<ThreadWaker>)>);
+
+impl Drop for CachedWaker {
+    fn drop(&mut self) {
+        // During thread exit the slot may be gone: the waker is dropped instead.
+        let _ = BLOCK_ON_WAKER.try_with(|slot| slot.set(self.0.take()));
     }
 }
 
