@@ -334,7 +334,12 @@ pub(crate) fn run(session: &Session, runtime: &tokio::runtime::Runtime, style: S
                 transaction = None;
                 continue;
             }
-            Err(ReadlineError::Eof) => break,
+            Err(ReadlineError::Eof) => {
+                if transaction.is_some() {
+                    warn!("qmp: end of input inside transaction(: its actions were not sent");
+                }
+                break;
+            }
             Err(e) => {
                 warn!("qmp: {e}");
                 code = crate::EXIT_FAILED;

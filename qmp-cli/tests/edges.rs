@@ -114,3 +114,28 @@ fn json_that_is_not_a_command_is_a_usage_error() {
         );
     }
 }
+
+/// End of input inside a `transaction(` block says its actions were not sent (they were dropped
+/// silently before).
+#[test]
+fn end_of_input_inside_a_transaction_says_it_was_not_sent() {
+    let qsd = Qsd::start();
+    let mut child = qmp()
+        .args(["-s", qsd.socket().to_str().expect("utf-8")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qmp");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"transaction(\nblock-dirty-bitmap-add node=n0 name=b0\n")
+        .expect("write");
+    drop(stdin);
+    let status = wait(&mut child, Duration::from_secs(20));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(0), "stderr:\n{err}");
+    assert!(err.contains("were not sent"), "stderr:\n{err}");
+}
