@@ -337,6 +337,21 @@ impl ServerConn {
         }
     }
 
+    /// Whether nothing more arrives from the client within `wait`: no command already read and
+    /// waiting, and no byte on the socket. For checking that a client sends one command at a time.
+    pub fn nothing_more_within(&mut self, wait: Duration) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        if !self.commands.is_empty() {
+            return false;
+        }
+        let timeout = Timespec {
+            tv_sec: wait.as_secs() as i64,
+            tv_nsec: i64::from(wait.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(&self.stream, PollFlags::IN)];
+        matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(0))
+    }
+
     /// Reads the next command and checks its name.
     pub fn expect(&mut self, name: &str) -> Received {
         let r = self
@@ -570,6 +585,16 @@ impl Qsd {
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Stops the daemon (SIGSTOP): its sockets take what clients write, and nothing is answered.
+    pub fn pause(&self) {
+        let status = Command::new("kill")
+            .arg("-STOP")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill -STOP");
+        assert!(status.success(), "kill -STOP failed");
     }
 
     /// Kills the daemon with SIGKILL now (as a crash would).

@@ -325,7 +325,7 @@ pub async fn qemu_thousand_concurrent_executes(a: &'static dyn Adapter) {
     join_all(callers).await;
 }
 
-/// The daemon killed with SIGKILL while commands are in flight.
+/// The daemon killed with SIGKILL while commands are in flight: written, and not answered.
 pub async fn qemu_killed_mid_flight(a: &'static dyn Adapter) {
     let mut qsd = Qsd::start();
     let client = a
@@ -333,22 +333,21 @@ pub async fn qemu_killed_mid_flight(a: &'static dyn Adapter) {
         .await
         .expect("connect");
     let mut events = client.subscribe(EventFilter::all());
-    let calls = join_all((0..100).map(|i| {
-        let client = client.clone();
-        async move {
-            if i == 50 {
-                None
-            } else {
-                Some(client.execute("query-named-block-nodes", ()).await)
-            }
-        }
-    }));
+    // Stopped, the daemon answers nothing while its socket takes the commands in.
+    qsd.pause();
+    let calls = join_all((0..100).map(|_| client.execute("query-named-block-nodes", ())));
     let kill = async {
+        a.sleep(Duration::from_millis(200)).await;
         qsd.kill();
     };
     let (results, ()) = futures_util::join!(calls, kill);
-    for r in results.into_iter().flatten() {
-        assert!(matches!(r, Ok(_) | Err(Error::Disconnected(_))), "{r:?}");
+    for r in results {
+        // Not a failed write: the commands were on their way when the daemon died.
+        assert!(
+            matches!(&r, Err(Error::Disconnected(d))
+                if !matches!(d, Disconnect::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe)),
+            "{r:?}"
+        );
     }
     let reason = timeout(a, Duration::from_secs(5), client.closed())
         .await
@@ -517,8 +516,10 @@ pub async fn fake_event_flood_lag(a: &'static dyn Adapter) {
     let slow = client.subscribe(EventFilter::name("TICK"));
     let eager = account(client.subscribe(EventFilter::name("TICK")), N);
     // The command's reply is not held up by the subscriber that reads nothing meanwhile.
-    let (flood, (eager_got, eager_missed)) =
-        futures_util::join!(client.execute("flood", ()), eager);
+    let both = async { futures_util::join!(client.execute("flood", ()), eager) };
+    let (flood, (eager_got, eager_missed)) = timeout(a, Duration::from_secs(20), both)
+        .await
+        .expect("the reply was held up behind a subscriber that reads nothing");
     flood.expect("flood");
     assert_eq!(eager_got + eager_missed, N);
     let (got, missed) = account(slow, N).await;
@@ -626,9 +627,10 @@ pub async fn fake_fd_passing(a: &'static dyn Adapter) {
 }
 
 /// A dropped call never corrupts the connection: queued ones are never sent, late replies of
-/// written ones are discarded.
+/// written ones are discarded (not given to the command sent next).
 pub async fn fake_cancel_safety(a: &'static dyn Adapter) {
     let (tx, rx) = mpsc::channel::<Vec<String>>();
+    let (written_tx, written_rx) = mpsc::channel::<()>();
     let server = FakeServer::start(move |c: &mut ServerConn| {
         c.handshake();
         let held: Vec<_> = (0..8).map(|_| c.expect("hold")).collect();
@@ -637,11 +639,23 @@ pub async fn fake_cancel_safety(a: &'static dyn Adapter) {
             c.reply(&h.command, json!("held"));
         }
         let mut names = Vec::new();
+        let mut dropped = None;
         while let Some(r) = c.recv() {
             names.push(r.name().to_owned());
-            c.reply(&r.command, json!(r.name()));
-            if r.name() == "last" {
-                break;
+            match r.name() {
+                // Answered only once the next command is in: late.
+                "dropped" => {
+                    written_tx.send(()).expect("send");
+                    dropped = Some(r);
+                }
+                "last" => {
+                    if let Some(d) = dropped.take() {
+                        c.reply(&d.command, json!("late"));
+                    }
+                    c.reply(&r.command, json!("last"));
+                    break;
+                }
+                name => c.reply(&r.command, json!(name)),
             }
         }
         tx.send(names).expect("send");
@@ -665,22 +679,33 @@ pub async fn fake_cancel_safety(a: &'static dyn Adapter) {
     };
     let (held, ()) = futures_util::join!(holders, rest);
     assert!(held.into_iter().all(|r| r.expect("held") == json!("held")));
+    // A call given up once the server has it: its reply comes after the next command's request.
+    // Boxed, so that dropping it below ends the call there and then.
+    let dropped = Box::pin(client.execute("dropped", ()));
+    let written = Box::pin(recv(a, written_rx));
+    match futures_util::future::select(dropped, written).await {
+        futures_util::future::Either::Left((r, _)) => panic!("answered early: {r:?}"),
+        futures_util::future::Either::Right(((), dropped)) => drop(dropped),
+    }
     assert_eq!(
         client.execute("last", ()).await.expect("last"),
         json!("last")
     );
-    assert_eq!(recv(a, rx).await, ["last"]);
+    assert_eq!(recv(a, rx).await, ["dropped", "last"]);
 }
 
-/// A timed-out call leaves a usable connection; its late reply is discarded.
+/// A timed-out call leaves a usable connection; its late reply is discarded, even when it comes
+/// after a later command was sent (which must not be given the late reply).
 pub async fn fake_timeouts(a: &'static dyn Adapter) {
     let server = FakeServer::start(|c| {
         c.handshake();
         let slow = c.expect("slow");
         let next = c.expect("next");
         std::thread::sleep(Duration::from_millis(300));
-        c.reply(&slow.command, json!("late"));
         c.reply(&next.command, json!("next"));
+        let after = c.expect("after");
+        c.reply(&slow.command, json!("late"));
+        c.reply(&after.command, json!("after"));
         while let Some(r) = c.recv() {
             if r.name() == "emit" {
                 c.event("E", json!({}));
@@ -693,7 +718,10 @@ pub async fn fake_timeouts(a: &'static dyn Adapter) {
     let (slow, next) = futures_util::join!(quick.execute("slow", ()), client.execute("next", ()));
     assert!(matches!(slow, Err(Error::Timeout)), "{slow:?}");
     assert_eq!(next.expect("next"), json!("next"));
-    assert!(client.execute("query-version", ()).await.is_ok());
+    assert_eq!(
+        client.execute("after", ()).await.expect("after"),
+        json!("after")
+    );
 
     // `Duration::MAX` is "no limit", wherever a duration is taken (no `Instant` overflow).
     let forever = client.with_timeout(Duration::MAX);
@@ -845,6 +873,7 @@ pub async fn fake_server_started_late(a: &'static dyn Adapter) {
         started.elapsed() < Duration::from_millis(250),
         "failed at once"
     );
+    let started = std::time::Instant::now();
     match a
         .connect(missing.into(), quick.clone().wait_for_server(true))
         .await
@@ -1311,6 +1340,12 @@ pub async fn fake_agent_without_ids(a: &'static dyn Adapter) {
     let server = FakeServer::start(|c| {
         c.agent_sync();
         while let Some(r) = c.recv() {
+            // One at a time: nothing more may come before this one is answered.
+            assert!(
+                c.nothing_more_within(Duration::from_millis(2)),
+                "a second command before {} was answered",
+                r.command
+            );
             // No id echoed: answer with what the command asked for.
             let n = r.arguments()["n"].clone();
             c.send(&json!({ "return": n }));
