@@ -78,8 +78,9 @@ use qmp_client::{BoxFuture, Dial, Runtime, SocketFile, Timer, Transport, send_wi
 
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Client, Command, CommandError, Config, Disconnect, Error,
-    Event, EventFilter, EventItem, Greeting, GuestAgent, Lagged, NoReply, Options, ProtocolError,
-    QmpError, RawJson, SendError, State, Subscription, Timestamp, Version, qmp_proto,
+    Event, EventFilter, EventItem, Greeting, GuestAgent, Lagged, MAX_FDS, NoReply, Options,
+    ProtocolError, QmpError, RawJson, SendError, State, Subscription, Timestamp, Version,
+    qmp_proto,
 };
 
 /// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),

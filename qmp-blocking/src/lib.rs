@@ -95,8 +95,8 @@ pub use crate::executor::block_on;
 use crate::executor::{Io, Shared, block_on_assisted, block_on_driving};
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Command, CommandError, Config, Disconnect, Error, Event,
-    EventFilter, EventItem, Greeting, Lagged, NoReply, Options, ProtocolError, QmpError, RawJson,
-    SendError, State, Timestamp, Version, qmp_proto,
+    EventFilter, EventItem, Greeting, Lagged, MAX_FDS, NoReply, Options, ProtocolError, QmpError,
+    RawJson, SendError, State, Timestamp, Version, qmp_proto,
 };
 use qmp_client::{Dial, SocketFile};
 

@@ -228,3 +228,18 @@ fn a_wake_that_drops_a_sleeping_future_does_not_stop_the_timers() {
         "the wait did not time out"
     );
 }
+
+/// Dropping a listener removes its own socket file only: after the usual restart (remove the
+/// stale path, bind a new listener there), dropping the old one leaves the new one's file alone.
+#[test]
+fn dropping_an_old_listener_leaves_a_newer_listeners_socket() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("qmp.sock");
+    let old = qmp_blocking::Listener::bind(&path).expect("bind");
+    std::fs::remove_file(&path).expect("remove the stale path");
+    let new = qmp_blocking::Listener::bind(&path).expect("bind again");
+    drop(old);
+    assert!(path.exists(), "the new listener's socket file is gone");
+    drop(new);
+    assert!(!path.exists(), "a listener removes its own socket file");
+}

@@ -405,6 +405,13 @@ impl Client {
         if !self.shared.can_pass_fds {
             return Err(Error::FdPassingUnsupported);
         }
+        // More could not be sent, and the failed send would end the connection.
+        if fds.len() > crate::MAX_FDS {
+            return Err(Error::TooManyFds {
+                given: fds.len(),
+                limit: crate::MAX_FDS,
+            });
+        }
         let cmd = Command::new(name).arguments(&arguments)?.decode_value();
         self.submit(cmd, fds).await?.into_value()
     }

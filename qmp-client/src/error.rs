@@ -66,6 +66,15 @@ pub enum Error {
     /// one.
     #[error("file descriptors can only be passed over a unix socket")]
     FdPassingUnsupported,
+    /// More file descriptors than one message can carry ([`MAX_FDS`](crate::MAX_FDS), the
+    /// kernel's limit) were given to one command; it was not sent.
+    #[error("at most {limit} file descriptors travel with one command, {given} were given")]
+    TooManyFds {
+        /// How many were given.
+        given: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A subscriber fell behind and missed events (see [`Lagged`](crate::Lagged)).
     #[error("missed {missed} events: the subscriber fell behind")]
     Lagged {

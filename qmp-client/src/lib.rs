@@ -32,4 +32,6 @@ pub use qmp_proto::{
     self, ArgumentsError, Command, CommandError, Config, Event, Greeting, NO_SUCCESS_RESPONSE,
     ProtocolError, QmpError, RawJson, SendError, Timestamp, Version,
 };
-pub use unix::{Address, CONNECT_RETRY, Dial, SocketFile, send_with_fds, try_connect_unix};
+pub use unix::{
+    Address, CONNECT_RETRY, Dial, MAX_FDS, SocketFile, send_with_fds, try_connect_unix,
+};

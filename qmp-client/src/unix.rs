@@ -101,6 +101,10 @@ impl Dial {
     }
 }
 
+/// How many file descriptors one command can carry: what one `SCM_RIGHTS` message holds on Linux
+/// (`SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
+
 /// Sends `data` on a unix socket with `fds` attached to its first byte (`SCM_RIGHTS`), in one
 /// non-blocking `sendmsg`. For adapters' [`Transport::poll_write`](crate::Transport::poll_write).
 pub fn send_with_fds(socket: impl AsFd, data: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
@@ -124,23 +128,40 @@ pub fn send_with_fds(socket: impl AsFd, data: &[u8], fds: &[OwnedFd]) -> io::Res
 /// The path of a unix socket this process bound, removed again when dropped: what the adapters'
 /// `Listener`s hold, so a socket file never outlives its listener.
 #[derive(Debug)]
-pub struct SocketFile(PathBuf);
+pub struct SocketFile {
+    path: PathBuf,
+    /// The file bound there (device, inode): only that one is removed. Whatever replaced it
+    /// meanwhile (a new listener bound after the stale path was cleared) is left alone.
+    id: Option<(u64, u64)>,
+}
 
 impl SocketFile {
     /// Takes charge of `path`, which the caller has just bound.
     pub fn new(path: PathBuf) -> Self {
-        Self(path)
+        let id = file_id(&path);
+        Self { path, id }
     }
 
     /// The socket's path.
     pub fn path(&self) -> &Path {
-        &self.0
+        &self.path
     }
+}
+
+/// The device and inode of the socket at `path`, if a socket is there.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    meta.file_type()
+        .is_socket()
+        .then(|| (meta.dev(), meta.ino()))
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -624,6 +624,21 @@ pub async fn fake_fd_passing(a: &'static dyn Adapter) {
         .await
         .expect("add-fd");
     assert_eq!((info.fdset_id, info.fd), (3, 42));
+
+    // More than one message can carry: refused before sending, and the connection lives on (the
+    // failed send ended it before).
+    let many: Vec<OwnedFd> = (0..qmp_client::MAX_FDS + 1)
+        .map(|_| OwnedFd::from(tempfile::tempfile().expect("temp")))
+        .collect();
+    let refused = client
+        .execute_with_fds("getfd", json!({"fdname": "many"}), many)
+        .await;
+    assert!(
+        matches!(refused, Err(Error::TooManyFds { given, limit })
+            if given == qmp_client::MAX_FDS + 1 && limit == qmp_client::MAX_FDS),
+        "{refused:?}"
+    );
+    assert!(client.execute("query-version", ()).await.is_ok());
 }
 
 /// A dropped call never corrupts the connection: queued ones are never sent, late replies of

@@ -47,8 +47,9 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 pub use qmp_client::{
     AddFdInfo, Address, ArgumentsError, Client, Command, CommandError, Config, Disconnect, Error,
-    Event, EventFilter, EventItem, Greeting, GuestAgent, Lagged, NoReply, Options, ProtocolError,
-    QmpError, RawJson, SendError, State, Subscription, Timestamp, Version, qmp_proto,
+    Event, EventFilter, EventItem, Greeting, GuestAgent, Lagged, MAX_FDS, NoReply, Options,
+    ProtocolError, QmpError, RawJson, SendError, State, Subscription, Timestamp, Version,
+    qmp_proto,
 };
 
 /// Connects to a QMP server at `address` (a unix socket path or `host:port`, see [`Address`]),
