@@ -299,6 +299,7 @@ impl Connection {
     /// ```
     pub fn new_guest_agent(config: Config, sync_seed: u64) -> Self {
         let mut conn = Self::new(config);
+        conn.splitter.reset_at(SENTINEL);
         conn.session.agent = Some(Agent::new(sync_seed));
         conn.session.start_sync();
         conn

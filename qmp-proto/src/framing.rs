@@ -133,6 +133,9 @@ pub struct JsonSplitter {
     junk_len: usize,
     junk_head: Vec<u8>,
     eof: bool,
+    /// A byte that ends whatever value it appears in (the guest agent's `0xFF`, never part of
+    /// JSON): the value so far is dropped, and the byte is read between values.
+    reset_byte: Option<u8>,
     /// Pushes in a row that used little of a large buffer.
     small_pushes: u32,
     max_size: usize,
@@ -171,6 +174,7 @@ impl JsonSplitter {
             junk_len: 0,
             junk_head: Vec::new(),
             eof: false,
+            reset_byte: None,
             small_pushes: 0,
             max_size: max_size.max(2),
             max_depth: max_depth.max(1),
@@ -204,6 +208,16 @@ impl JsonSplitter {
             self.small_pushes = 0;
         }
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Makes `byte` end any value it appears in, as the guest agent's protocol asks of its `0xFF`
+    /// ("the client's lexer/tokenizer/parser state should be flushed/reset"): the part of the
+    /// value before it is reported as [`FrameError::UnexpectedBytes`], and the byte itself is
+    /// read between values. Otherwise the tail of a reply a previous client left unread (an odd
+    /// quote, an open brace) would swallow every later message, the sync replies that are to
+    /// recover from it included.
+    pub(crate) fn reset_at(&mut self, byte: u8) {
+        self.reset_byte = Some(byte);
     }
 
     /// Marks the end of the stream: [`next_frame`](Self::next_frame) then reports an unfinished
@@ -307,10 +321,20 @@ impl JsonSplitter {
             i += 1;
         }
 
-        // Inside a value.
+        // Inside a value, up to a reset byte if one comes first.
         let value_start = i;
-        let end = self.scan_value(i);
+        let limit = match self.reset_byte {
+            Some(reset) => self.buf[i..]
+                .iter()
+                .position(|&b| b == reset)
+                .map_or(len, |k| i + k),
+            None => len,
+        };
+        let end = self.scan_value(i, limit);
         let done = self.depth == 0 && !self.in_string;
+        if !done && limit < len {
+            return Step::Error(self.drop_value(value_start, limit));
+        }
         if self.mode == Mode::Keep {
             let size = end - self.start;
             if !self.too_deep && size <= self.max_size {
@@ -392,10 +416,31 @@ impl JsonSplitter {
         }
     }
 
+    /// Drops the value under way, cut short by the reset byte at `at` (`value_start`: where this
+    /// round of scanning began), and reports what of it was seen.
+    fn drop_value(&mut self, value_start: usize, at: usize) -> FrameError {
+        let (len, head) = match self.mode {
+            Mode::Keep => (
+                at - self.start,
+                self.buf[self.start..at.min(self.start + JUNK_HEAD)].to_vec(),
+            ),
+            _ => (self.skipped + (at - value_start), Vec::new()),
+        };
+        self.mode = Mode::Between;
+        self.depth = 0;
+        self.in_string = false;
+        self.escape = false;
+        self.buf.drain(..at);
+        self.scan = 0;
+        self.keep_from = 0;
+        self.start = 0;
+        FrameError::UnexpectedBytes { len, head }
+    }
+
     /// Scans inside a value from `i` until the value ends (`depth == 0`, returns the index after
-    /// its last byte) or the buffer does (returns `buf.len()`).
-    fn scan_value(&mut self, mut i: usize) -> usize {
-        let buf = &self.buf[..];
+    /// its last byte) or `limit` does (returns `limit`).
+    fn scan_value(&mut self, mut i: usize, limit: usize) -> usize {
+        let buf = &self.buf[..limit];
         let len = buf.len();
         while i < len {
             if self.escape {

@@ -503,3 +503,94 @@ fn sync_id_ends_with_the_connection() {
     conn.close();
     assert_eq!(conn.sync_id(), None);
 }
+
+// --- The sentinel resets the parser (guest-sync-delimited) -------------------------------------
+// A partial reply left on the channel (the tail of a reply a previous client stopped reading, or
+// an agent that died mid-write) must not swallow the sync reply that follows the agent's `0xFF`.
+
+#[test]
+fn the_sentinel_resets_the_parser_after_a_stale_partial_reply() {
+    let mut conn = Connection::new_guest_agent(Config::guest_agent(), 99);
+    while let Some(t) = conn.poll_transmit() {
+        let n = t.data.len();
+        conn.advance_transmit(n);
+    }
+    let id = conn.sync_id().unwrap();
+    // The tail of a `guest-file-read` reply whose head went to a previous client: it starts
+    // in the middle of the base64 string.
+    conn.handle_input(b"QUFBQUFB\", \"count\": 6, \"eof\": false}, \"id\": 1}\n");
+    // Then the agent's answer to our resync: its complaint about the 0xFF, the 0xFF, the reply.
+    conn.handle_input(
+        br#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+    );
+    conn.handle_input(b"\n\xff");
+    conn.handle_input(format!("{{\"return\": {id}}}\n").as_bytes());
+    let outputs: Vec<Output> = std::iter::from_fn(|| conn.poll_output()).collect();
+    assert_eq!(
+        (conn.state(), outputs),
+        (State::Ready, vec![Output::Ready { oob: false }]),
+        "the sync reply after the 0xFF sentinel was swallowed by the stale partial reply"
+    );
+}
+
+/// The tail of a string before the sentinel: the sync reply after it is read (before, every
+/// resync failed the same way, since whole messages carry an even number of quotes).
+#[test]
+fn a_stray_quote_cannot_outlive_the_next_sentinel() {
+    let mut conn = Connection::new_guest_agent(Config::guest_agent(), 7);
+    while let Some(t) = conn.poll_transmit() {
+        let n = t.data.len();
+        conn.advance_transmit(n);
+    }
+    conn.handle_input(b"AAAA\", \"id\": 1}\n");
+    for _ in 0..5 {
+        let id = conn.sync_id().unwrap();
+        conn.handle_input(b"\xff");
+        conn.handle_input(format!("{{\"return\": {id}}}\n").as_bytes());
+        if conn.state() == State::Ready {
+            return;
+        }
+        assert!(conn.resync());
+    }
+    panic!("never synced after 5 resyncs");
+}
+
+/// The agent dies half-way through a reply and is restarted: the command times out, the client
+/// resyncs, and the new agent's sync reply after its `0xFF` is read (the half reply kept the
+/// splitter inside an object before).
+#[test]
+fn an_agent_restarted_mid_reply_is_recovered_by_the_resync() {
+    let mut conn = Connection::new_guest_agent(Config::guest_agent(), 3);
+    let flush = |conn: &mut Connection| {
+        while let Some(t) = conn.poll_transmit() {
+            let n = t.data.len();
+            conn.advance_transmit(n);
+        }
+    };
+    flush(&mut conn);
+    let id = conn.sync_id().unwrap();
+    conn.handle_input(format!("\u{7f}{{\"return\": {id}}}\n").as_bytes());
+    assert_eq!(conn.state(), State::Ready);
+    let _ = std::iter::from_fn(|| conn.poll_output()).count();
+
+    let t0 = Instant::now();
+    let _ = conn
+        .send(Command::new("guest-get-fsinfo").deadline(t0 + Duration::from_secs(5)))
+        .unwrap();
+    flush(&mut conn);
+    conn.handle_input(b"{\"return\": [{\"name\": \"vda1\", \"mountpoint\": \"/"); // agent killed
+    conn.handle_timeout(t0 + Duration::from_secs(5));
+    let _ = std::iter::from_fn(|| conn.poll_output()).count();
+    assert_eq!(conn.state(), State::Syncing);
+    flush(&mut conn);
+    // The restarted agent answers the resync.
+    let id = conn.sync_id().unwrap();
+    conn.handle_input(b"\xff");
+    conn.handle_input(format!("{{\"return\": {id}}}\n").as_bytes());
+    assert_eq!(
+        conn.state(),
+        State::Ready,
+        "resync answered after the 0xFF, yet still syncing ({} bytes held)",
+        conn.buffered_input()
+    );
+}
