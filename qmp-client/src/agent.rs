@@ -22,11 +22,13 @@ use crate::error::{Disconnect, Error};
 /// The agent speaks QMP's wire format without QMP's session: no greeting, no capabilities, no
 /// events, one command at a time. What makes it hard to talk to reliably is handled here:
 ///
-/// - **Resync.** On connect, and after any command times out or is dropped once written, the
-///   client sends the `0xFF` byte that resets the agent's parser and `guest-sync-delimited` with
-///   a random id, and discards everything until the reply carrying that id. A late reply to a
-///   command given up on can therefore never be taken for the next command's answer, and a
-///   half-written command left by an earlier client cannot swallow ours.
+/// - **Resync.** On connect, and after any command times out, the client sends the `0xFF` byte
+///   that resets the agent's parser and `guest-sync-delimited` with a random id, and discards
+///   everything until the reply carrying that id; the `0xFF` the agent puts before that reply
+///   resets ours in turn, so half a reply left by an earlier client cannot swallow it. A late
+///   reply to a command given up on can therefore never be taken for the next command's answer.
+///   A command dropped once written is resynced past when the next one is waiting to go; until
+///   then its reply, should it come, is discarded.
 /// - **Old agents** that do not echo ids are matched by order, which is safe because one command
 ///   is in flight at a time.
 /// - **Commands that never reply on success** (`guest-shutdown`, `guest-suspend-*`): see
