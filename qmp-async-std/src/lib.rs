@@ -149,12 +149,10 @@ async fn open(
 /// The first address `hostport` resolves to, for a listener. The lookup blocks, but briefly
 /// (usually a literal address).
 fn resolve(hostport: &str) -> io::Result<std::net::SocketAddr> {
-    hostport.to_socket_addrs()?.next().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("no address for {hostport}"),
-        )
-    })
+    hostport
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| qmp_client::no_address(hostport))
 }
 
 /// Connects to `hostport`, trying each address it resolves to in turn (`localhost` may be `::1`
@@ -171,12 +169,7 @@ async fn connect_tcp(hostport: &str) -> io::Result<Async<TcpStream>> {
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("no address for {hostport}"),
-        )
-    }))
+    Err(last.unwrap_or_else(|| qmp_client::no_address(hostport)))
 }
 
 /// Runs a client over a connected unix socket (one of a `socketpair`, or inherited). File

@@ -135,7 +135,7 @@ impl Poller {
             }
         });
         // Even with no events asked, `poll` reports a hung-up socket: leave it out entirely when
-        // it is not to be watched (the task has ended), rather than wake at once forever.
+        // it is not to be watched (a call holds it), rather than wake at once forever.
         let mut fds = [
             PollFd::new(&self.wake_rx, PollFlags::IN),
             PollFd::new(&self.lead_rx, PollFlags::IN),
@@ -413,7 +413,6 @@ impl Wake for SharedWaker {
 const ASSIST_ROUNDS: usize = 4;
 
 impl Shared {
-    /// Wakes the connection's task: notes it for an assisting caller, or wakes the thread.
     /// Wakes the leading call of the connection (see [`Shared::lead`]).
     fn wake_leader(&self) {
         self.lead_woken.store(true, Ordering::SeqCst);
@@ -422,6 +421,15 @@ impl Shared {
         }
     }
 
+    /// The lead has just been given up (`leader` cleared): wakes the connection's thread if it
+    /// sleeps until then, or if calls that started meanwhile wait for replies nobody reads now.
+    fn lead_ended(&self) {
+        if self.lead_watched.load(Ordering::SeqCst) || self.calls.load(Ordering::SeqCst) > 1 {
+            self.wake();
+        }
+    }
+
+    /// Wakes the connection's task: notes it for an assisting caller, or wakes the thread.
     fn wake(&self) {
         if self.assisting.load(Ordering::SeqCst) {
             self.assist_dirty.store(true, Ordering::SeqCst);
@@ -637,16 +645,6 @@ fn watch_leads(shared: &Shared, poller: &Poller) {
         poller.wait(shared, None, None, false);
     }
     shared.lead_watched.store(false, Ordering::SeqCst);
-}
-
-impl Shared {
-    /// The lead has just been given up (`leader` cleared): wakes the connection's thread if it
-    /// sleeps until then, or if calls that started meanwhile wait for replies nobody reads now.
-    fn lead_ended(&self) {
-        if self.lead_watched.load(Ordering::SeqCst) || self.calls.load(Ordering::SeqCst) > 1 {
-            self.wake();
-        }
-    }
 }
 
 /// One timer thread for the whole process: sleeping futures register their deadline and waker

@@ -190,12 +190,7 @@ fn connect_tcp(hostport: &str, timeout: Duration) -> io::Result<TcpStream> {
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("no address for {hostport}"),
-        )
-    }))
+    Err(last.unwrap_or_else(|| qmp_client::no_address(hostport)))
 }
 
 /// Runs a client over a connected unix socket (one of a `socketpair`, or inherited). File

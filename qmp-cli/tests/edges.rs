@@ -2,7 +2,7 @@
 //! agent that goes away under the shell, and `--json` objects that are not commands.
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use qmp_testkit::{QemuGa, Qsd};
@@ -15,19 +15,35 @@ fn qmp() -> Command {
     cmd
 }
 
-/// Waits for `child` within `timeout`; kills it and panics otherwise.
-fn wait(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
+/// Starts `qmp ARGS` (the interactive shell) with every stream piped.
+fn spawn_shell(args: &[&str]) -> Child {
+    qmp()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qmp")
+}
+
+/// Waits for `child` (20 s at most; killed and a panic otherwise); returns its exit status and
+/// what it wrote on stderr.
+fn finish(mut child: Child) -> (ExitStatus, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
+            break status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("qmp did not exit within {timeout:?}");
+            panic!("qmp did not exit within 20 s");
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    (status, err)
 }
 
 /// `qmp -s SOCK < commands | head -n1`: once stdout is a closed pipe the shell ends as at end of
@@ -35,13 +51,7 @@ fn wait(child: &mut std::process::Child, timeout: Duration) -> std::process::Exi
 #[test]
 fn shell_with_a_closed_stdout_ends_without_a_panic() {
     let qsd = Qsd::start();
-    let mut child = qmp()
-        .args(["-s", qsd.socket().to_str().expect("utf-8")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn qmp");
+    let mut child = spawn_shell(&["-s", qsd.socket().to_str().expect("utf-8")]);
     // The reader goes away at once, as `head` does after its first line.
     drop(child.stdout.take());
     let mut stdin = child.stdin.take().expect("stdin");
@@ -49,10 +59,7 @@ fn shell_with_a_closed_stdout_ends_without_a_panic() {
         let _ = stdin.write_all(b"query-version\n");
     }
     drop(stdin);
-    let status = wait(&mut child, Duration::from_secs(20));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
-        .expect("read stderr");
+    let (status, err) = finish(child);
     assert!(
         !err.contains("panicked") && status.code() != Some(101),
         "status {status:?}, stderr:\n{err}"
@@ -65,13 +72,7 @@ fn shell_with_a_closed_stdout_ends_without_a_panic() {
 fn agent_shell_exits_2_when_the_connection_breaks() {
     let qga = QemuGa::start();
     let socket = qga.socket().to_str().expect("utf-8").to_owned();
-    let mut child = qmp()
-        .args(["--agent", "-s", &socket])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn qmp");
+    let mut child = spawn_shell(&["--agent", "-s", &socket]);
     let mut stdin = child.stdin.take().expect("stdin");
     stdin.write_all(b"guest-ping\n").expect("write");
     std::thread::sleep(Duration::from_millis(500));
@@ -82,10 +83,7 @@ fn agent_shell_exits_2_when_the_connection_breaks() {
         let _ = stdin.write_all(b"guest-ping\n");
     }
     drop(stdin);
-    let status = wait(&mut child, Duration::from_secs(20));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
-        .expect("read stderr");
+    let (status, err) = finish(child);
     assert_eq!(status.code(), Some(2), "stderr:\n{err}");
 }
 
@@ -120,22 +118,13 @@ fn json_that_is_not_a_command_is_a_usage_error() {
 #[test]
 fn end_of_input_inside_a_transaction_says_it_was_not_sent() {
     let qsd = Qsd::start();
-    let mut child = qmp()
-        .args(["-s", qsd.socket().to_str().expect("utf-8")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn qmp");
+    let mut child = spawn_shell(&["-s", qsd.socket().to_str().expect("utf-8")]);
     let mut stdin = child.stdin.take().expect("stdin");
     stdin
         .write_all(b"transaction(\nblock-dirty-bitmap-add node=n0 name=b0\n")
         .expect("write");
     drop(stdin);
-    let status = wait(&mut child, Duration::from_secs(20));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
-        .expect("read stderr");
+    let (status, err) = finish(child);
     assert_eq!(status.code(), Some(0), "stderr:\n{err}");
     assert!(err.contains("were not sent"), "stderr:\n{err}");
 }

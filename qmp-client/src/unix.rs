@@ -101,6 +101,15 @@ impl Dial {
     }
 }
 
+/// The error for a TCP `hostport` that resolves to no address at all (`InvalidInput`, as tokio
+/// reports it). For adapters that resolve names themselves.
+pub fn no_address(hostport: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("no address for {hostport}"),
+    )
+}
+
 /// How many file descriptors one command can carry: what one `SCM_RIGHTS` message holds on Linux
 /// (`SCM_MAX_FD`).
 pub const MAX_FDS: usize = 253;

@@ -532,22 +532,19 @@ impl Qsd {
     /// Starts a daemon whose monitor listens at `socket`, without waiting for it to be ready (as
     /// a program that has just started QEMU would). QEMU replaces a stale socket file there.
     pub fn listen_at(socket: &Path) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let chardev = format!("socket,path={},server=on,wait=off,id=m", socket.display());
-        let child = spawn_qsd(dir.path(), &[(chardev, "chardev=m".to_owned())]);
-        Self {
-            child,
-            dir,
-            socket: socket.to_owned(),
-            more: Vec::new(),
-        }
+        Self::unwaited(socket, "server=on,wait=off")
     }
 
     /// Starts a daemon that connects to `socket` (`server=off`), for accept-mode tests. Bind the
     /// listener first.
     pub fn connect_to(socket: &Path) -> Self {
+        Self::unwaited(socket, "server=off")
+    }
+
+    /// A daemon with one monitor on a socket chardev at `socket` with `mode`, not waited for.
+    fn unwaited(socket: &Path, mode: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let chardev = format!("socket,path={},server=off,id=m", socket.display());
+        let chardev = format!("socket,path={},{mode},id=m", socket.display());
         let child = spawn_qsd(dir.path(), &[(chardev, "chardev=m".to_owned())]);
         Self {
             child,
