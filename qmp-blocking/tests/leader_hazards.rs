@@ -1,7 +1,8 @@
 //! Hazards of calls that drive the connection from their own thread (see `leader.rs`), found in
 //! review: wakes another thread drained, deadlines set by the connection's thread while a call
-//! leads, blocking calls made from inside `Client::block_on`, and a lead outliving its
-//! connection. Each test failed (hung, or was late) before the fix it names.
+//! leads, blocking calls made from inside `Client::block_on` or a nested `block_on`, a lead
+//! outliving its connection, and a spawner in the options. Each test failed (hung, or was late)
+//! before the fix it names.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
@@ -285,4 +286,80 @@ fn crosswise_blocking_calls_inside_block_on_do_not_deadlock() {
         (t1.join().unwrap(), r2)
     });
     assert!(got.is_ok(), "crosswise deadlock");
+}
+
+/// A future run by `block_on` makes a blocking call (a nested `block_on`) in one branch, while
+/// another branch is woken: the thread's park token that wake left is consumed by the nested
+/// loop, so the outer one must go by its own flag (it slept forever before).
+#[test]
+fn a_wake_during_a_nested_block_on_is_not_lost() {
+    let got = within(Duration::from_secs(5), || {
+        let (tx, rx) = futures_channel::oneshot::channel::<u32>();
+        let (tx2, rx2) = futures_channel::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = tx.send(7);
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = tx2.send(());
+        });
+        qmp_blocking::block_on(async {
+            let (a, ()) = futures_util::join!(rx, async {
+                qmp_blocking::block_on(rx2).expect("sent");
+            });
+            a.expect("sent")
+        })
+    });
+    assert_eq!(got, Ok(7), "block_on hung: the wake was lost");
+}
+
+/// The same through a client: `Client::block_on` while another thread's call leads the
+/// connection, awaiting an event in one branch and waiting for another subscription with a
+/// blocking `recv_timeout` in the other. The event arrives during the blocking wait.
+#[test]
+fn client_block_on_sees_an_event_that_arrives_during_a_nested_blocking_wait() {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            if r.name() == "slow" {
+                std::thread::sleep(Duration::from_millis(100));
+                c.event("E", json!({}));
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            c.reply(&r.command, json!({}));
+        }
+    });
+    let client = qmp_blocking::connect(server.path(), Options::new()).expect("connect");
+    let other = client.clone();
+    let mut sub = client.subscribe(EventFilter::name("E"));
+    let mut quiet = client.subscribe(EventFilter::name("NEVER"));
+    let slow = std::thread::spawn(move || other.execute("slow", ()).expect("slow"));
+    std::thread::sleep(Duration::from_millis(30));
+    let got = within(Duration::from_secs(6), move || {
+        client.block_on(async {
+            let (event, _) = futures_util::join!(sub.as_async().recv(), async {
+                quiet.recv_timeout(Duration::from_millis(400))
+            });
+            event.map(|e| e.map(|e| e.name))
+        })
+    });
+    slow.join().expect("slow call");
+    assert!(matches!(&got, Ok(Some(Ok(n))) if n == "E"), "hung: {got:?}");
+}
+
+/// A spawner is for async executors; the blocking client runs its connection its own way and
+/// ignores it (every connect timed out before).
+#[test]
+fn a_spawner_in_the_options_is_ignored() {
+    let server = echo_server();
+    let path = server.path().to_owned();
+    let got = within(Duration::from_secs(5), move || {
+        let options = Options::new()
+            .connect_timeout(Duration::from_secs(3))
+            .spawner(|task| {
+                std::thread::spawn(move || qmp_blocking::block_on(task));
+            });
+        let client = qmp_blocking::connect(&path, options)?;
+        client.execute("x", json!({"echo": 1}))
+    });
+    assert!(matches!(&got, Ok(Ok(v)) if *v == json!(1)), "{got:?}");
 }
