@@ -1,4 +1,5 @@
-//! Sending file descriptors with `SCM_RIGHTS`, and socket addresses.
+//! Socket plumbing for the adapters: connecting (and retrying, [`Dial`]), addresses and their
+//! errors, the socket files of listeners, and passing file descriptors with `SCM_RIGHTS`.
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -69,7 +70,6 @@ impl Dial {
     /// [`CONNECT_RETRY`]; `Err`, give up with that error.
     pub fn attempt<S>(&mut self, outcome: io::Result<Option<S>>) -> io::Result<Option<S>> {
         match outcome {
-            Ok(Some(stream)) => Ok(Some(stream)),
             Ok(None) => {
                 self.last = Some(Retry::QueueFull);
                 Ok(None)
@@ -84,7 +84,7 @@ impl Dial {
                 self.last = Some(Retry::Absent(e));
                 Ok(None)
             }
-            Err(e) => Err(e),
+            connected_or_failed => connected_or_failed,
         }
     }
 
