@@ -120,10 +120,7 @@ async fn open(
                     .and_then(|s| s.map(Async::new).transpose())
                     .map(|s| s.map(Stream::Unix)),
                 Address::Tcp(hostport) => connect_tcp(hostport).await.map(|s| Some(Stream::Tcp(s))),
-                other => Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("{other}"),
-                )),
+                other => Err(other.unsupported()),
             };
             if let Some(stream) = dial.attempt(outcome)? {
                 return Ok::<_, io::Error>(Some(stream));
@@ -240,10 +237,7 @@ impl Listener {
             Address::Tcp(hostport) => {
                 resolve(hostport).and_then(|a| Async::<TcpListener>::bind(a).map(ListenerKind::Tcp))
             }
-            other => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{other}"),
-            )),
+            other => Err(other.unsupported()),
         };
         let inner = inner.map_err(|e| address.bind_error(e))?;
         Ok(Self { inner })

@@ -145,10 +145,7 @@ fn open(address: Address, options: Options, monitor: bool) -> Result<(Io, Option
                 let left = deadline.saturating_sub(started.elapsed());
                 connect_tcp(hostport, left).map(|s| Some(Io::Tcp(s)))
             }
-            other => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{other}"),
-            )),
+            other => Err(other.unsupported()),
         };
         match dial.attempt(outcome) {
             Ok(Some(stream)) => break stream,
@@ -259,10 +256,7 @@ impl Listener {
             Address::Unix(path) => UnixListener::bind(path)
                 .map(|l| ListenerKind::Unix(l, SocketFile::new(path.clone()))),
             Address::Tcp(hostport) => TcpListener::bind(hostport.as_str()).map(ListenerKind::Tcp),
-            other => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{other}"),
-            )),
+            other => Err(other.unsupported()),
         };
         let inner = inner.map_err(|e| address.bind_error(e))?;
         Ok(Self { inner })

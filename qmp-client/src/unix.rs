@@ -260,6 +260,12 @@ impl Address {
         self.context("listen on", e)
     }
 
+    /// The error for an address of a kind the adapter cannot use (`Address` is non-exhaustive:
+    /// a kind added later is unknown to an adapter built before). For adapters.
+    pub fn unsupported(&self) -> io::Error {
+        io::Error::new(io::ErrorKind::Unsupported, self.to_string())
+    }
+
     fn context(&self, action: &'static str, e: io::Error) -> io::Error {
         io::Error::new(
             e.kind(),

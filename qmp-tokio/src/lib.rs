@@ -103,11 +103,7 @@ async fn open(
                 Address::Tcp(hostport) => TcpStream::connect(hostport.as_str())
                     .await
                     .and_then(|s| s.set_nodelay(true).map(|()| Some(Stream::Tcp(s)))),
-                // `Address` is non-exhaustive; a kind this adapter does not know cannot connect.
-                other => Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("{other}"),
-                )),
+                other => Err(other.unsupported()),
             };
             if let Some(stream) = dial.attempt(outcome)? {
                 return Ok::<_, io::Error>(stream);
@@ -199,10 +195,7 @@ impl Listener {
             Address::Tcp(hostport) => TcpListener::bind(hostport.as_str())
                 .await
                 .map(ListenerKind::Tcp),
-            other => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("{other}"),
-            )),
+            other => Err(other.unsupported()),
         };
         let inner = inner.map_err(|e| address.bind_error(e))?;
         Ok(Self { inner })
