@@ -223,12 +223,17 @@ fn tokio_main(args: &Args) -> Result<String, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        run_async(
-            qmp_tokio::connect(args.socket.as_str(), options(args)).await,
-            args,
-        )
+    let args = args.clone();
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            run_async(
+                qmp_tokio::connect(args.socket.as_str(), options(&args)).await,
+                &args,
+            )
+            .await
+        })
         .await
+        .map_err(|e| e.to_string())?
     })
 }
 
