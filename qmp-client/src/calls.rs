@@ -179,13 +179,17 @@ impl Calls {
         orphaned
     }
 
-    /// For the task: delivers answers, waking their callers; answers to calls given up are
-    /// dropped and their slots freed.
-    pub(crate) fn answer(&self, answers: &mut Vec<(usize, Result<Answer, Error>)>) {
+    /// For the task: delivers answers, adding their callers' wakers to `wakers` (the task wakes
+    /// them, so the buffer is reused instead of allocated per batch); answers to calls given up
+    /// are dropped and their slots freed.
+    pub(crate) fn answer(
+        &self,
+        answers: &mut Vec<(usize, Result<Answer, Error>)>,
+        wakers: &mut Vec<Waker>,
+    ) {
         if answers.is_empty() {
             return;
         }
-        let mut wakers = Vec::new();
         let mut dropped = Vec::new();
         let mut inner = self.lock();
         for (slot, answer) in answers.drain(..) {
@@ -203,7 +207,6 @@ impl Calls {
         }
         drop(inner);
         drop(dropped);
-        wakers.into_iter().for_each(Waker::wake);
     }
 
     /// For the task: forgets the requests in `waiters` (request → slot) whose caller gave up,

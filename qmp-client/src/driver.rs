@@ -135,7 +135,7 @@ pub(crate) struct Driver<T, S> {
     ready: Option<oneshot::Sender<Result<Option<Greeting>, Error>>>,
     /// Callers waiting for a guest-agent resync to finish.
     resyncs: Vec<oneshot::Sender<()>>,
-    /// Subscribers to wake once the outputs at hand are delivered.
+    /// Callers and subscribers to wake once the outputs at hand are delivered.
     wakes: Vec<std::task::Waker>,
     /// The subscribers, as of the hub's last change.
     hub_view: HubView,
@@ -486,7 +486,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             }
         }
         // Callers and subscribers are woken once per batch of outputs.
-        self.shared.calls.answer(&mut self.answers);
+        self.shared.calls.answer(&mut self.answers, &mut self.wakes);
         for waker in self.wakes.drain(..) {
             waker.wake();
         }
@@ -506,7 +506,8 @@ impl<T, S> Driver<T, S> {
                 self.close_done.push(done);
             }
         }
-        self.shared.calls.answer(&mut self.answers);
+        self.shared.calls.answer(&mut self.answers, &mut self.wakes);
+        self.wakes.drain(..).for_each(std::task::Waker::wake);
         self.shared.calls.close(&reason);
         self.waiters.clear();
         if let Some(ready) = self.ready.take() {
