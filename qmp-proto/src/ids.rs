@@ -8,9 +8,6 @@
 //! command is written until a response with it arrives (abandoned requests keep theirs, so a
 //! late response can never be taken for a newer request's) or the connection closes.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-
 /// The id `qmp_capabilities` carries; request ids on the wire start above it.
 pub(crate) const NEGOTIATION_ID: u64 = 0;
 
@@ -19,24 +16,39 @@ pub(crate) const NEGOTIATION_ID: u64 = 0;
 pub(crate) struct WireIds {
     /// `holders[w - 1]`: the request (its unique id) holding wire id `w`, if any.
     holders: Vec<Option<u64>>,
-    /// Released wire ids, smallest first.
-    free: BinaryHeap<Reverse<u64>>,
+    /// Released wire ids, a bit per entry of `holders` (set: free). A bitmap rather than a heap:
+    /// the smallest free id is a `trailing_zeros` away, and taking or releasing one touches one
+    /// word.
+    free: Vec<u64>,
+    /// No word before this one has a bit set.
+    first_free: usize,
 }
 
 impl WireIds {
     /// Gives `request` the smallest free wire id.
     pub(crate) fn take(&mut self, request: u64) -> u64 {
-        let wire = match self.free.pop() {
-            Some(Reverse(wire)) => wire,
+        let index = match self.free[self.first_free.min(self.free.len())..]
+            .iter()
+            .position(|&w| w != 0)
+        {
+            Some(k) => {
+                let word = self.first_free + k;
+                self.first_free = word;
+                let bit = self.free[word].trailing_zeros() as usize;
+                self.free[word] &= !(1 << bit);
+                word * 64 + bit
+            }
             None => {
+                self.first_free = self.free.len();
                 self.holders.push(None);
-                self.holders.len() as u64
+                if self.holders.len() > self.free.len() * 64 {
+                    self.free.push(0);
+                }
+                self.holders.len() - 1
             }
         };
-        if let Some(slot) = self.slot(wire) {
-            *slot = Some(request);
-        }
-        wire
+        self.holders[index] = Some(request);
+        index as u64 + 1
     }
 
     /// The request holding `wire`, if any.
@@ -46,10 +58,12 @@ impl WireIds {
 
     /// Frees `wire` for the next command.
     pub(crate) fn release(&mut self, wire: u64) {
-        if let Some(slot) = self.slot(wire)
+        let Some(i) = index(wire) else { return };
+        if let Some(slot) = self.holders.get_mut(i)
             && slot.take().is_some()
         {
-            self.free.push(Reverse(wire));
+            self.free[i / 64] |= 1 << (i % 64);
+            self.first_free = self.first_free.min(i / 64);
         }
     }
 
@@ -57,10 +71,7 @@ impl WireIds {
     pub(crate) fn clear(&mut self) {
         self.holders.clear();
         self.free.clear();
-    }
-
-    fn slot(&mut self, wire: u64) -> Option<&mut Option<u64>> {
-        self.holders.get_mut(index(wire)?)
+        self.first_free = 0;
     }
 }
 
@@ -90,5 +101,40 @@ mod tests {
             "a double release frees once"
         );
         assert_eq!((ids.holder(0), ids.holder(u64::MAX)), (None, None));
+    }
+
+    /// Against a model (the smallest id no request holds), across many words of the bitmap.
+    #[test]
+    fn matches_a_model_past_one_word() {
+        let mut ids = WireIds::default();
+        let mut held = std::collections::BTreeMap::new();
+        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+        for request in 0..50_000_u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Mostly grow to a few hundred, then drain: ids beyond the first words get reused.
+            let grow = (request / 5_000) % 2 == 0;
+            if held.is_empty() || x % 10 < if grow { 6 } else { 3 } {
+                let want = (1..).find(|w| !held.contains_key(w)).unwrap_or(0);
+                assert_eq!(ids.take(request), want);
+                held.insert(want, request);
+            } else {
+                let victim = *held
+                    .keys()
+                    .nth((x as usize / 10) % held.len())
+                    .unwrap_or(&1);
+                ids.release(victim);
+                ids.release(victim);
+                held.remove(&victim);
+            }
+            if request % 97 == 0 {
+                for w in 0..=held.len() as u64 + 65 {
+                    assert_eq!(ids.holder(w), held.get(&w).copied(), "holder of {w}");
+                }
+            }
+        }
+        ids.clear();
+        assert_eq!((ids.take(1), ids.take(2)), (1, 2));
     }
 }
