@@ -63,24 +63,31 @@ impl fmt::Display for RequestId {
 #[derive(Clone)]
 #[must_use = "a command does nothing until it is sent"]
 pub struct Command {
-    name: Box<str>,
-    /// The serialized `arguments` object.
-    arguments: Option<Box<[u8]>>,
-    /// Further members of a raw command, serialized as `"key":value,...`.
-    extra: Option<Box<[u8]>>,
-    oob: bool,
+    /// One buffer for everything variable: the name (UTF-8, not yet quoted), then if any
+    /// `,"arguments":<object>`, then a raw command's other members as `,"key":value,...`. One
+    /// allocation, and a small struct: a command is moved four times between its caller and the
+    /// socket, and every 16 bytes more made pipelined commands about 3% slower.
+    text: Box<[u8]>,
+    /// Where the name ends in `text`.
+    name_end: usize,
+    /// Where `,"arguments":<object>` ends (`name_end` when there are none).
+    arguments_end: usize,
     deadline: Option<Instant>,
+    oob: bool,
     fds: bool,
     no_reply: bool,
     value: bool,
 }
 
+/// What goes between a command's name and its arguments object.
+const ARGUMENTS_KEY: &[u8] = b",\"arguments\":";
+
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Arguments can carry secrets (passwords, keys): never print them.
         f.debug_struct("Command")
-            .field("name", &self.name)
-            .field("arguments", &self.arguments.as_ref().map(|a| a.len()))
+            .field("name", &self.name())
+            .field("arguments", &self.arguments_json().map(<[u8]>::len))
             .field("oob", &self.oob)
             .field("deadline", &self.deadline)
             .field("fds", &self.fds)
@@ -93,10 +100,11 @@ impl fmt::Debug for Command {
 impl Command {
     /// A command with no arguments.
     pub fn new(name: impl Into<String>) -> Self {
+        let text = name.into().into_bytes().into_boxed_slice();
         Self {
-            name: name.into().into_boxed_str(),
-            arguments: None,
-            extra: None,
+            name_end: text.len(),
+            arguments_end: text.len(),
+            text,
             oob: false,
             deadline: None,
             fds: false,
@@ -108,27 +116,50 @@ impl Command {
     /// Attaches arguments, which must serialize to a JSON object and stay within QEMU's input
     /// limits (1024 levels of nesting, 2 Mi tokens). Arguments that serialize to `null` (`()`,
     /// `None`) mean none.
-    pub fn arguments<T: Serialize + ?Sized>(
-        mut self,
-        arguments: &T,
-    ) -> Result<Self, ArgumentsError> {
+    pub fn arguments<T: Serialize + ?Sized>(self, arguments: &T) -> Result<Self, ArgumentsError> {
         // `()` (the common "no arguments") without allocating: zero-sized values serialize to a
         // few bytes at most, so try those in a small buffer first.
         if size_of_val(arguments) == 0 {
             let mut small = SmallBuf::default();
             if serde_json::to_writer(&mut small, arguments).is_ok() && small.get() == b"null" {
-                self.arguments = None;
-                return Ok(self);
+                return Ok(self.with_arguments(None));
             }
         }
         let bytes = serde_json::to_vec(arguments)?;
         if bytes == b"null" {
-            self.arguments = None;
-            return Ok(self);
+            return Ok(self.with_arguments(None));
         }
         check_arguments(&bytes)?;
-        self.arguments = Some(bytes.into_boxed_slice());
-        Ok(self)
+        Ok(self.with_arguments(Some(&bytes)))
+    }
+
+    /// Replaces the arguments object (checked) in `text`, keeping the name and other members.
+    fn with_arguments(mut self, arguments: Option<&[u8]>) -> Self {
+        if arguments.is_none() && self.arguments_end == self.name_end {
+            return self;
+        }
+        let (name, rest) = self.text.split_at(self.name_end);
+        let extra = rest
+            .get(self.arguments_end - self.name_end..)
+            .unwrap_or_default();
+        let added = arguments.map_or(0, |a| ARGUMENTS_KEY.len() + a.len());
+        let mut text = Vec::with_capacity(name.len() + added + extra.len());
+        text.extend_from_slice(name);
+        if let Some(arguments) = arguments {
+            text.extend_from_slice(ARGUMENTS_KEY);
+            text.extend_from_slice(arguments);
+        }
+        self.arguments_end = text.len();
+        text.extend_from_slice(extra);
+        self.text = text.into_boxed_slice();
+        self
+    }
+
+    /// The serialized arguments object, if any.
+    fn arguments_json(&self) -> Option<&[u8]> {
+        self.text
+            .get(self.name_end + ARGUMENTS_KEY.len()..self.arguments_end)
+            .filter(|a| !a.is_empty())
     }
 
     /// A pre-built command object, sent as given (`execute` or `exec-oob`, `arguments`, and any
@@ -163,7 +194,10 @@ impl Command {
             let bytes = serde_json::to_vec(&object)?;
             check_arguments(&bytes)?;
             // Keep the members without their braces, to splice into the command object.
-            cmd.extra = Some(bytes[1..bytes.len() - 1].into());
+            let mut text = Vec::from(std::mem::take(&mut cmd.text));
+            text.push(b',');
+            text.extend_from_slice(&bytes[1..bytes.len() - 1]);
+            cmd.text = text.into_boxed_slice();
         }
         Ok(cmd)
     }
@@ -231,7 +265,12 @@ impl Command {
 
     /// The command name.
     pub fn name(&self) -> &str {
-        &self.name
+        // It went in as a `str`, whole.
+        std::str::from_utf8(self.name_bytes()).unwrap_or_default()
+    }
+
+    fn name_bytes(&self) -> &[u8] {
+        self.text.get(..self.name_end).unwrap_or_default()
     }
 
     /// Whether the command is sent out of band.
@@ -250,10 +289,10 @@ impl Command {
 
     /// True for a `qmp_capabilities` that asks for OOB (for callers that negotiate themselves).
     pub(crate) fn enables_oob(&self) -> bool {
-        if &*self.name != "qmp_capabilities" {
+        if self.name_bytes() != b"qmp_capabilities" {
             return false;
         }
-        let Some(arguments) = &self.arguments else {
+        let Some(arguments) = self.arguments_json() else {
             return false;
         };
         serde_json::from_slice::<Map<String, Value>>(arguments)
@@ -265,10 +304,7 @@ impl Command {
     /// Room for the wire form, to serialize it without reallocating.
     pub(crate) fn wire_capacity(&self) -> usize {
         // {"exec-oob":"<name>","arguments":<args>,<extra>,"id":<20 digits>}
-        16 + self.name.len() * 6 / 5
-            + self.arguments.as_ref().map_or(0, |a| 13 + a.len())
-            + self.extra.as_ref().map_or(0, |e| 1 + e.len())
-            + 28
+        16 + self.name_end * 6 / 5 + (self.text.len() - self.name_end) + 28
     }
 
     /// Writes `{"execute":...` up to where the id goes; [`end_with_id`] finishes it.
@@ -278,15 +314,19 @@ impl Command {
         } else {
             b"{\"execute\":"
         });
-        write_json_string(&self.name, out);
-        if let Some(arguments) = &self.arguments {
-            out.extend_from_slice(b",\"arguments\":");
-            out.extend_from_slice(arguments);
+        let name = self.name_bytes();
+        if name
+            .iter()
+            .all(|&b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+        {
+            out.push(b'"');
+            out.extend_from_slice(name);
+            out.push(b'"');
+        } else {
+            // serde_json escapes control characters and quotes; serializing a str cannot fail.
+            let _ = serde_json::to_writer(&mut *out, self.name());
         }
-        if let Some(extra) = &self.extra {
-            out.push(b',');
-            out.extend_from_slice(extra);
-        }
+        out.extend_from_slice(self.text.get(self.name_end..).unwrap_or_default());
     }
 }
 
@@ -314,19 +354,6 @@ pub(crate) fn end_with_id(wire: u64, out: &mut Vec<u8>) {
 /// Bytes [`end_with_id`] adds for wire ids up to `max`.
 pub(crate) fn id_tail_len(max: u64) -> usize {
     9 + max.checked_ilog10().unwrap_or(0) as usize
-}
-
-fn write_json_string(s: &str, out: &mut Vec<u8>) {
-    if s.bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
-    {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        // serde_json escapes control characters and quotes; serializing a str cannot fail.
-        let _ = serde_json::to_writer(&mut *out, s);
-    }
 }
 
 /// A few bytes of output, for serializing zero-sized values; more fails the write.
@@ -503,6 +530,49 @@ mod tests {
             assert_eq!(out, format!(",\"id\":{max}}}\n").as_bytes());
             assert_eq!(out.len(), id_tail_len(max), "{max}");
         }
+    }
+
+    /// Arguments replaced on a raw command: the other members stay, after the arguments.
+    #[test]
+    fn arguments_can_be_replaced_and_removed() {
+        let body = |cmd: &Command| {
+            let mut out = Vec::new();
+            cmd.write_body(&mut out);
+            String::from_utf8(out).unwrap()
+        };
+        let raw = Command::from_json(serde_json::json!(
+            {"execute": "x", "arguments": {"a": 1}, "control": {"b": 2}}
+        ))
+        .unwrap();
+        assert_eq!(
+            body(&raw),
+            r#"{"execute":"x","arguments":{"a":1},"control":{"b":2}"#
+        );
+        let raw = raw.arguments(&serde_json::json!({"c": 3})).unwrap();
+        assert_eq!(
+            body(&raw),
+            r#"{"execute":"x","arguments":{"c":3},"control":{"b":2}"#
+        );
+        let raw = raw.arguments(&()).unwrap();
+        assert_eq!(body(&raw), r#"{"execute":"x","control":{"b":2}"#);
+        assert_eq!((raw.name(), raw.arguments_json()), ("x", None));
+        let named = Command::new("ünï \"q\"")
+            .arguments(
+                &[("k", 1)]
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .unwrap();
+        assert_eq!(named.name(), "ünï \"q\"");
+        assert_eq!(named.arguments_json(), Some(&br#"{"k":1}"#[..]));
+        assert!(
+            Command::new("qmp_capabilities")
+                .arguments(&serde_json::json!({"enable": ["oob"]}))
+                .unwrap()
+                .enables_oob()
+        );
+        // Moved several times per command: keep it small.
+        assert!(size_of::<Command>() <= 56, "{}", size_of::<Command>());
     }
 
     #[test]
