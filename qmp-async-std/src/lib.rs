@@ -143,15 +143,6 @@ async fn open(
     Ok((stream, options))
 }
 
-/// The first address `hostport` resolves to, for a listener. The lookup blocks, but briefly
-/// (usually a literal address).
-fn resolve(hostport: &str) -> io::Result<std::net::SocketAddr> {
-    hostport
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| qmp_client::no_address(hostport))
-}
-
 /// Connects to `hostport`, trying each address it resolves to in turn (`localhost` may be `::1`
 /// first, and QEMU listening on 127.0.0.1 only). The name lookup blocks, but briefly (usually a
 /// literal address), and connecting is rare.
@@ -235,7 +226,10 @@ impl Listener {
             Address::Unix(path) => Async::<UnixListener>::bind(path)
                 .map(|l| ListenerKind::Unix(l, SocketFile::new(path.clone()))),
             Address::Tcp(hostport) => {
-                resolve(hostport).and_then(|a| Async::<TcpListener>::bind(a).map(ListenerKind::Tcp))
+                // std tries each address the name resolves to, as tokio's bind does.
+                TcpListener::bind(hostport.as_str())
+                    .and_then(Async::new)
+                    .map(ListenerKind::Tcp)
             }
             other => Err(other.unsupported()),
         };

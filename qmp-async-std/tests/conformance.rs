@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use qmp_async_std::{Address, Client, Error, GuestAgent, Options};
-use qmp_testkit::scenarios::{Adapter, BoxFut};
+use qmp_testkit::scenarios::{Adapter, Bound, BoxFut};
 
 struct AsyncStd;
 
@@ -21,13 +21,13 @@ impl Adapter for AsyncStd {
 
     fn accept(
         &self,
-        path: PathBuf,
+        address: Address,
         options: Options,
-        bound: Box<dyn FnOnce() + Send>,
+        bound: Bound,
     ) -> BoxFut<Result<Client, Error>> {
         Box::pin(async move {
-            let listener = qmp_async_std::Listener::bind(path).await?;
-            bound();
+            let listener = qmp_async_std::Listener::bind(address).await?;
+            bound(listener.local_addr());
             listener.accept(options).await
         })
     }
@@ -58,13 +58,13 @@ impl Adapter for Smol {
 
     fn accept(
         &self,
-        path: PathBuf,
+        address: Address,
         options: Options,
-        bound: Box<dyn FnOnce() + Send>,
+        bound: Bound,
     ) -> BoxFut<Result<Client, Error>> {
         Box::pin(async move {
-            let listener = qmp_async_std::Listener::bind(path).await?;
-            bound();
+            let listener = qmp_async_std::Listener::bind(address).await?;
+            bound(listener.local_addr());
             listener.accept(on_smol(options)).await
         })
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use qmp_blocking::{Address, Error, Options};
 use qmp_client::{Client, GuestAgent};
-use qmp_testkit::scenarios::{Adapter, BoxFut};
+use qmp_testkit::scenarios::{Adapter, Bound, BoxFut};
 
 struct Blocking;
 
@@ -25,13 +25,13 @@ impl Adapter for Blocking {
 
     fn accept(
         &self,
-        path: PathBuf,
+        address: Address,
         options: Options,
-        bound: Box<dyn FnOnce() + Send>,
+        bound: Bound,
     ) -> BoxFut<Result<Client, Error>> {
         Box::pin(async move {
-            let listener = qmp_blocking::Listener::bind(path)?;
-            bound();
+            let listener = qmp_blocking::Listener::bind(address)?;
+            bound(listener.local_addr());
             listener.accept(options).map(|c| c.as_async().clone())
         })
     }

@@ -541,10 +541,23 @@ impl Qsd {
         Self::unwaited(socket, "server=off")
     }
 
+    /// Starts a daemon that connects to us over TCP at `address` (`host=...,port=...,server=off`),
+    /// for accept-mode tests. Bind the listener first. Its [`socket`](Self::socket) is meaningless.
+    pub fn connect_to_tcp(address: std::net::SocketAddr) -> Self {
+        let endpoint = format!("host={},port={}", address.ip(), address.port());
+        Self::with_chardev(Path::new("tcp"), &endpoint, "server=off")
+    }
+
     /// A daemon with one monitor on a socket chardev at `socket` with `mode`, not waited for.
     fn unwaited(socket: &Path, mode: &str) -> Self {
+        Self::with_chardev(socket, &format!("path={}", socket.display()), mode)
+    }
+
+    /// A daemon with one monitor on a socket chardev at `endpoint` (`path=...` or
+    /// `host=...,port=...`) with `mode`, not waited for.
+    fn with_chardev(socket: &Path, endpoint: &str, mode: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let chardev = format!("socket,path={},{mode},id=m", socket.display());
+        let chardev = format!("socket,{endpoint},{mode},id=m");
         let child = spawn_qsd(dir.path(), &[(chardev, "chardev=m".to_owned())]);
         Self {
             child,

@@ -25,13 +25,13 @@ pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub trait Adapter: Send + Sync + 'static {
     /// Connects to the QMP socket at `address`.
     fn connect(&self, address: Address, options: Options) -> BoxFut<Result<Client, Error>>;
-    /// Binds a listener at `path`, calls `bound` (which starts a QEMU that connects to it), then
-    /// accepts.
+    /// Binds a listener at `address`, calls `bound` with its TCP address if it has one (`bound`
+    /// starts a QEMU that connects to it), then accepts.
     fn accept(
         &self,
-        path: PathBuf,
+        address: Address,
         options: Options,
-        bound: Box<dyn FnOnce() + Send>,
+        bound: Bound,
     ) -> BoxFut<Result<Client, Error>>;
     /// Connects to the guest agent at `path`.
     fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>>;
@@ -40,6 +40,9 @@ pub trait Adapter: Send + Sync + 'static {
     /// Runs a scenario to completion on the adapter's runtime.
     fn run(&self, scenario: BoxFut<()>);
 }
+
+/// What [`Adapter::accept`] calls once its listener is bound, with the listener's TCP address.
+pub type Bound = Box<dyn FnOnce(Option<std::net::SocketAddr>) + Send>;
 
 /// Runs `f` until `d` passes: `None` on timeout (and `f` is dropped).
 pub async fn timeout<T>(a: &dyn Adapter, d: Duration, f: impl Future<Output = T>) -> Option<T> {
@@ -271,9 +274,9 @@ pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
     let path = dir.path().join("listen.sock");
     let (tx, rx) = mpsc::channel();
     let peer = path.clone();
-    let bound = Box::new(move || tx.send(Qsd::connect_to(&peer)).expect("send"));
+    let bound: Bound = Box::new(move |_| tx.send(Qsd::connect_to(&peer)).expect("send"));
     let client = a
-        .accept(path.clone(), Options::new(), bound)
+        .accept(path.clone().into(), Options::new(), bound)
         .await
         .expect("accept");
     let _qsd = rx.recv().expect("started");
@@ -286,8 +289,8 @@ pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
     // Binding where something already is: an I/O error of the usual kind that names the path.
     let taken = dir.path().join("taken");
     std::fs::write(&taken, b"").expect("a file in the way");
-    let never = Box::new(|| panic!("bound where a file is"));
-    match a.accept(taken.clone(), Options::new(), never).await {
+    let never: Bound = Box::new(|_| panic!("bound where a file is"));
+    match a.accept(taken.clone().into(), Options::new(), never).await {
         Err(Error::Io(e)) => {
             assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
             assert!(e.to_string().contains(&*taken.to_string_lossy()), "{e}");
@@ -295,6 +298,36 @@ pub async fn qemu_accept_mode(a: &'static dyn Adapter) {
         other => panic!("binding over a file: {other:?}"),
     }
     assert!(taken.exists(), "the file in the way is gone");
+
+    // Over TCP (`host=...,port=...,server=off`): bound to port 0, QEMU told the port we got.
+    let (tx, rx) = mpsc::channel();
+    let bound: Bound = Box::new(move |at| {
+        let at = at.expect("a TCP listener has an address");
+        assert_ne!(at.port(), 0, "the port the system chose");
+        tx.send(Qsd::connect_to_tcp(at)).expect("send");
+    });
+    let client = a
+        .accept(Address::Tcp("127.0.0.1:0".into()), Options::new(), bound)
+        .await
+        .expect("accept over TCP");
+    let _qsd = rx.recv().expect("started");
+    let version = client
+        .execute("query-version", ())
+        .await
+        .expect("query-version");
+    assert!(version["qemu"]["major"].as_u64().is_some(), "{version}");
+    let fd = std::fs::File::open("/dev/null")
+        .expect("a descriptor")
+        .into();
+    assert!(
+        matches!(
+            client
+                .execute_with_fds("getfd", json!({"fdname": "f"}), vec![fd])
+                .await,
+            Err(Error::FdPassingUnsupported)
+        ),
+        "descriptors over TCP"
+    );
 }
 
 /// 1,000 executes from 50 concurrent callers.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qmp_testkit::scenarios::{Adapter, BoxFut};
+use qmp_testkit::scenarios::{Adapter, Bound, BoxFut};
 use qmp_tokio::{Address, Client, Error, GuestAgent, Options};
 
 struct Tokio;
@@ -19,13 +19,13 @@ impl Adapter for Tokio {
 
     fn accept(
         &self,
-        path: PathBuf,
+        address: Address,
         options: Options,
-        bound: Box<dyn FnOnce() + Send>,
+        bound: Bound,
     ) -> BoxFut<Result<Client, Error>> {
         Box::pin(async move {
-            let listener = qmp_tokio::Listener::bind(path).await?;
-            bound();
+            let listener = qmp_tokio::Listener::bind(address).await?;
+            bound(listener.local_addr());
             listener.accept(options).await
         })
     }
