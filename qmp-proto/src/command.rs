@@ -116,27 +116,33 @@ impl Command {
     /// Attaches arguments, which must serialize to a JSON object and stay within QEMU's input
     /// limits (1024 levels of nesting, 2 Mi tokens). Arguments that serialize to `null` (`()`,
     /// `None`) mean none.
-    pub fn arguments<T: Serialize + ?Sized>(self, arguments: &T) -> Result<Self, ArgumentsError> {
+    pub fn arguments<T: Serialize + ?Sized>(
+        mut self,
+        arguments: &T,
+    ) -> Result<Self, ArgumentsError> {
         // `()` (the common "no arguments") without allocating: zero-sized values serialize to a
         // few bytes at most, so try those in a small buffer first.
         if size_of_val(arguments) == 0 {
             let mut small = SmallBuf::default();
             if serde_json::to_writer(&mut small, arguments).is_ok() && small.get() == b"null" {
-                return Ok(self.with_arguments(None));
+                self.set_arguments(None);
+                return Ok(self);
             }
         }
         let bytes = serde_json::to_vec(arguments)?;
         if bytes == b"null" {
-            return Ok(self.with_arguments(None));
+            self.set_arguments(None);
+            return Ok(self);
         }
         check_arguments(&bytes)?;
-        Ok(self.with_arguments(Some(&bytes)))
+        self.set_arguments(Some(&bytes));
+        Ok(self)
     }
 
     /// Replaces the arguments object (checked) in `text`, keeping the name and other members.
-    fn with_arguments(mut self, arguments: Option<&[u8]>) -> Self {
+    fn set_arguments(&mut self, arguments: Option<&[u8]>) {
         if arguments.is_none() && self.arguments_end == self.name_end {
-            return self;
+            return;
         }
         let (name, rest) = self.text.split_at(self.name_end);
         let extra = rest
@@ -152,7 +158,6 @@ impl Command {
         self.arguments_end = text.len();
         text.extend_from_slice(extra);
         self.text = text.into_boxed_slice();
-        self
     }
 
     /// The serialized arguments object, if any.

@@ -16,6 +16,7 @@ use crate::message::{Event, Greeting, QmpError, RawJson, Timestamp, Unmatched};
 use crate::pending::Pending;
 use crate::transmit::{Transmit, TransmitBuf};
 use crate::wire::{self, Members};
+use std::num::NonZeroU64;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,8 +184,9 @@ struct Session {
 
 struct Entry {
     oob: bool,
-    /// The id it carries on the wire, once written.
-    wire: Option<u64>,
+    /// The id it carries on the wire, once written (never 0, the handshake's: the niche keeps
+    /// entries, moved in and out of the pending table per request, 8 bytes smaller).
+    wire: Option<NonZeroU64>,
     /// Sent [`Command::no_reply`]: silence until the deadline, or EOF, is its success.
     no_reply: bool,
     deadline: Option<Instant>,
@@ -368,7 +370,11 @@ impl Connection {
     /// assert_eq!(conn.wire_id(b), Some(1));
     /// ```
     pub fn wire_id(&self, id: RequestId) -> Option<u64> {
-        self.session.pending.get(id.0).and_then(|e| e.wire)
+        self.session
+            .pending
+            .get(id.0)
+            .and_then(|e| e.wire)
+            .map(NonZeroU64::get)
     }
 
     /// Requests waiting to be written (before the handshake, or for a window slot).
@@ -882,7 +888,7 @@ impl Session {
             }
             let w = self.wire_ids.take(id);
             end_with_id(w, self.transmit.buf());
-            wire = Some(w);
+            wire = NonZeroU64::new(w);
             if cmd.has_fds() {
                 self.transmit.mark_fds_at(start, RequestId(id));
             }
@@ -959,7 +965,7 @@ impl Session {
             self.in_band_in_flight += 1;
         }
         let wire = self.wire_ids.take(id);
-        e.wire = Some(wire);
+        e.wire = NonZeroU64::new(wire);
         if fds {
             self.transmit.mark_fds(RequestId(id));
         }
@@ -975,7 +981,7 @@ impl Session {
             self.deadlines.remove(&(at, id));
         }
         if let Some(wire) = e.wire {
-            self.wire_ids.release(wire);
+            self.wire_ids.release(wire.get());
         }
         Some(e)
     }
