@@ -64,7 +64,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 use std::io;
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::pin::Pin;
@@ -144,11 +144,12 @@ async fn open(
 }
 
 /// Connects to `hostport`, trying each address it resolves to in turn (`localhost` may be `::1`
-/// first, and QEMU listening on 127.0.0.1 only). The name lookup blocks, but briefly (usually a
-/// literal address), and connecting is rare.
+/// first, and QEMU listening on 127.0.0.1 only). A name is looked up on a thread of its own
+/// ([`qmp_client::lookup`]), so a hanging resolver does not block the executor and the connect
+/// deadline holds.
 async fn connect_tcp(hostport: &str) -> io::Result<Async<TcpStream>> {
     let mut last = None;
-    for addr in hostport.to_socket_addrs()? {
+    for addr in qmp_client::lookup(hostport).await? {
         match Async::<TcpStream>::connect(addr).await {
             Ok(s) => {
                 s.get_ref().set_nodelay(true)?;
@@ -227,7 +228,9 @@ impl Listener {
                 .map(|l| ListenerKind::Unix(l, SocketFile::new(path.clone()))),
             Address::Tcp(hostport) => {
                 // std tries each address the name resolves to, as tokio's bind does.
-                TcpListener::bind(hostport.as_str())
+                qmp_client::lookup(hostport)
+                    .await
+                    .and_then(|addrs| TcpListener::bind(&addrs[..]))
                     .and_then(Async::new)
                     .map(ListenerKind::Tcp)
             }

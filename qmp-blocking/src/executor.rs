@@ -364,11 +364,16 @@ impl Runtime for PollRuntime {
     }
 
     fn sleep(&self, duration: Duration) -> BoxFuture {
-        match Instant::now().checked_add(duration) {
-            Some(at) => Box::pin(Sleep { at, key: None }),
-            // Beyond what an `Instant` holds (`Duration::MAX` for "no limit"): never.
-            None => Box::pin(std::future::pending()),
-        }
+        sleep(duration)
+    }
+}
+
+/// A future that is ready once `duration` has passed, whatever executor polls it.
+pub(crate) fn sleep(duration: Duration) -> BoxFuture {
+    match Instant::now().checked_add(duration) {
+        Some(at) => Box::pin(Sleep { at, key: None }),
+        // Beyond what an `Instant` holds (`Duration::MAX` for "no limit"): never.
+        None => Box::pin(std::future::pending()),
     }
 }
 

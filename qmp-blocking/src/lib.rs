@@ -80,7 +80,7 @@ mod executor;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::io;
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -169,12 +169,23 @@ fn open(address: Address, options: Options, monitor: bool) -> Result<(Io, Option
 }
 
 /// Connects to `hostport`, trying each address it resolves to in turn (`localhost` may be `::1`
-/// first, and QEMU listening on 127.0.0.1 only), within `timeout` in all. The name lookup itself
-/// is the system's, and not bounded by `timeout`.
+/// first, and QEMU listening on 127.0.0.1 only), within `timeout` in all, the name lookup
+/// included (it runs on a thread of its own: see [`qmp_client::lookup`]).
 fn connect_tcp(hostport: &str, timeout: Duration) -> io::Result<TcpStream> {
     let started = Instant::now();
+    let lookup =
+        futures_util::future::select(qmp_client::lookup(hostport), executor::sleep(timeout));
+    let addrs = match block_on(lookup) {
+        futures_util::future::Either::Left((found, _)) => found?,
+        futures_util::future::Either::Right(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("looking up {hostport} took longer than the connect timeout"),
+            ));
+        }
+    };
     let mut last = None;
-    for addr in hostport.to_socket_addrs()? {
+    for addr in addrs {
         let left = timeout.saturating_sub(started.elapsed());
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());

@@ -33,5 +33,6 @@ pub use qmp_proto::{
     ProtocolError, QmpError, RawJson, SendError, Timestamp, Version,
 };
 pub use unix::{
-    Address, CONNECT_RETRY, Dial, MAX_FDS, SocketFile, no_address, send_with_fds, try_connect_unix,
+    Address, CONNECT_RETRY, Dial, Lookup, MAX_FDS, SocketFile, lookup, no_address, send_with_fds,
+    try_connect_unix,
 };

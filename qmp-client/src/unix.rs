@@ -2,12 +2,16 @@
 //! errors, the socket files of listeners, and passing file descriptors with `SCM_RIGHTS`.
 
 use std::fmt;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use futures_channel::oneshot;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
 use crate::{Error, Options};
@@ -98,6 +102,53 @@ impl Dial {
             Some(Retry::Absent(e)) => Error::Io(address.connect_error(e)),
             Some(Retry::QueueFull) | None => Error::Timeout,
         }
+    }
+}
+
+/// Looks `hostport` up without blocking the caller: a literal address (`127.0.0.1:4444`,
+/// `[::1]:4444`) at once, a name on a thread of its own. A resolver that hangs (an unreachable DNS
+/// server) then holds up only that thread, which ends when the resolver gives up, and a connect
+/// deadline still holds. For adapters that resolve names themselves.
+pub fn lookup(hostport: &str) -> Lookup {
+    lookup_with(hostport, |name| {
+        name.to_socket_addrs().map(Iterator::collect)
+    })
+}
+
+fn lookup_with(
+    hostport: &str,
+    resolve: impl FnOnce(&str) -> io::Result<Vec<SocketAddr>> + Send + 'static,
+) -> Lookup {
+    let (tx, rx) = oneshot::channel();
+    if let Ok(addr) = hostport.parse::<SocketAddr>() {
+        let _ = tx.send(Ok(vec![addr]));
+        return Lookup(rx);
+    }
+    let name = hostport.to_owned();
+    // If the thread cannot start, the sender is dropped with it: the lookup then fails.
+    let _ = std::thread::Builder::new()
+        .name("qmp-lookup".into())
+        .spawn(move || {
+            let _ = tx.send(resolve(&name));
+        });
+    Lookup(rx)
+}
+
+/// A name lookup under way: resolves to the addresses found (possibly none). See [`lookup`].
+#[must_use = "a lookup does nothing for the caller unless awaited"]
+pub struct Lookup(oneshot::Receiver<io::Result<Vec<SocketAddr>>>);
+
+impl Future for Lookup {
+    type Output = io::Result<Vec<SocketAddr>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|answer| {
+            answer.unwrap_or_else(|oneshot::Canceled| {
+                Err(io::Error::other(
+                    "no thread could be started for the name lookup",
+                ))
+            })
+        })
     }
 }
 
@@ -292,5 +343,80 @@ impl fmt::Display for Address {
             Self::Unix(p) => write!(f, "unix:{}", p.display()),
             Self::Tcp(a) => write!(f, "tcp:{a}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::task::{Wake, Waker};
+    use std::time::Duration;
+
+    use super::*;
+
+    struct Unpark(std::thread::Thread);
+
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    fn block_on<F: Future>(future: F) -> F::Output {
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let Poll::Ready(v) = future.as_mut().poll(&mut Context::from_waker(&waker)) {
+                return v;
+            }
+            std::thread::park();
+        }
+    }
+
+    #[test]
+    fn literal_addresses_need_no_lookup() {
+        let waker = Waker::noop();
+        for (hostport, want) in [("127.0.0.1:4444", "127.0.0.1:4444"), ("[::1]:5", "[::1]:5")] {
+            let mut lookup = lookup(hostport);
+            let Poll::Ready(Ok(found)) =
+                Pin::new(&mut lookup).poll(&mut Context::from_waker(waker))
+            else {
+                panic!("{hostport} was not ready at once");
+            };
+            assert_eq!(found, [want.parse::<SocketAddr>().unwrap()]);
+        }
+    }
+
+    #[test]
+    fn names_are_looked_up_off_the_callers_thread() {
+        // A resolver that hangs does not block the poll: it is still running when the first poll
+        // returns, and its answer arrives later.
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let mut slow = lookup_with("qemu-host:4444", move |name| {
+            let _ = hold.recv_timeout(Duration::from_secs(10));
+            assert_eq!(name, "qemu-host:4444");
+            Ok(vec!["10.0.0.7:4444".parse().unwrap()])
+        });
+        let waker = Waker::noop();
+        assert!(
+            Pin::new(&mut slow)
+                .poll(&mut Context::from_waker(waker))
+                .is_pending()
+        );
+        release.send(()).unwrap();
+        assert_eq!(
+            block_on(slow).unwrap(),
+            ["10.0.0.7:4444".parse::<SocketAddr>().unwrap()]
+        );
+
+        let found = block_on(lookup("localhost:4444")).expect("localhost resolves");
+        assert!(
+            !found.is_empty() && found.iter().all(|a| a.port() == 4444),
+            "{found:?}"
+        );
+        let failed = block_on(lookup_with("nowhere:1", |_| {
+            Err(io::ErrorKind::NotFound.into())
+        }));
+        assert_eq!(failed.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 }

@@ -956,7 +956,7 @@ pub async fn fake_server_started_late(a: &'static dyn Adapter) {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let address = Address::from(port);
-    match a.connect(address.clone(), Options::new()).await {
+    match a.connect(address, Options::new()).await {
         Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
         other => panic!("no TCP server, not waiting: {other:?}"),
     }
@@ -966,9 +966,11 @@ pub async fn fake_server_started_late(a: &'static dyn Adapter) {
         let (mut stream, _) = listener.accept().expect("accept");
         serve_replies(&mut stream);
     });
+    // By name this time: the lookup runs on a thread of its own (`qmp_client::lookup`).
+    let by_name = Address::Tcp(format!("localhost:{}", port.port()));
     let client = a
         .connect(
-            address,
+            by_name,
             Options::new()
                 .wait_for_server(true)
                 .connect_timeout(Duration::from_secs(20)),
