@@ -227,7 +227,7 @@ impl Listener {
             Address::Unix(path) => Async::<UnixListener>::bind(path)
                 .map(|l| ListenerKind::Unix(l, SocketFile::new(path.clone()))),
             Address::Tcp(hostport) => {
-                // std tries each address the name resolves to, as tokio's bind does.
+                // std's bind tries each address found in turn, as tokio's bind does.
                 qmp_client::lookup(hostport)
                     .await
                     .and_then(|addrs| TcpListener::bind(&addrs[..]))

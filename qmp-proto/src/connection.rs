@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
+use std::num::NonZeroU64;
 use std::time::Instant;
 
 use crate::agent::{Agent, NO_SUCCESS_RESPONSE, SENTINEL};
@@ -16,7 +17,6 @@ use crate::message::{Event, Greeting, QmpError, RawJson, Timestamp, Unmatched};
 use crate::pending::Pending;
 use crate::transmit::{Transmit, TransmitBuf};
 use crate::wire::{self, Members};
-use std::num::NonZeroU64;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -511,10 +511,7 @@ fn sync_id_ends_with_the_connection() {
 #[test]
 fn the_sentinel_resets_the_parser_after_a_stale_partial_reply() {
     let mut conn = Connection::new_guest_agent(Config::guest_agent(), 99);
-    while let Some(t) = conn.poll_transmit() {
-        let n = t.data.len();
-        conn.advance_transmit(n);
-    }
+    take_transmit(&mut conn);
     let id = conn.sync_id().unwrap();
     // The tail of a `guest-file-read` reply whose head went to a previous client: it starts
     // in the middle of the base64 string.
@@ -525,7 +522,7 @@ fn the_sentinel_resets_the_parser_after_a_stale_partial_reply() {
     );
     conn.handle_input(b"\n\xff");
     conn.handle_input(format!("{{\"return\": {id}}}\n").as_bytes());
-    let outputs: Vec<Output> = std::iter::from_fn(|| conn.poll_output()).collect();
+    let outputs = drain(&mut conn);
     assert_eq!(
         (conn.state(), outputs),
         (State::Ready, vec![Output::Ready { oob: false }]),
@@ -538,10 +535,7 @@ fn the_sentinel_resets_the_parser_after_a_stale_partial_reply() {
 #[test]
 fn a_stray_quote_cannot_outlive_the_next_sentinel() {
     let mut conn = Connection::new_guest_agent(Config::guest_agent(), 7);
-    while let Some(t) = conn.poll_transmit() {
-        let n = t.data.len();
-        conn.advance_transmit(n);
-    }
+    take_transmit(&mut conn);
     conn.handle_input(b"AAAA\", \"id\": 1}\n");
     for _ in 0..5 {
         let id = conn.sync_id().unwrap();
@@ -561,28 +555,22 @@ fn a_stray_quote_cannot_outlive_the_next_sentinel() {
 #[test]
 fn an_agent_restarted_mid_reply_is_recovered_by_the_resync() {
     let mut conn = Connection::new_guest_agent(Config::guest_agent(), 3);
-    let flush = |conn: &mut Connection| {
-        while let Some(t) = conn.poll_transmit() {
-            let n = t.data.len();
-            conn.advance_transmit(n);
-        }
-    };
-    flush(&mut conn);
+    take_transmit(&mut conn);
     let id = conn.sync_id().unwrap();
     conn.handle_input(format!("\u{7f}{{\"return\": {id}}}\n").as_bytes());
     assert_eq!(conn.state(), State::Ready);
-    let _ = std::iter::from_fn(|| conn.poll_output()).count();
+    drain(&mut conn);
 
     let t0 = Instant::now();
     let _ = conn
         .send(Command::new("guest-get-fsinfo").deadline(t0 + Duration::from_secs(5)))
         .unwrap();
-    flush(&mut conn);
+    take_transmit(&mut conn);
     conn.handle_input(b"{\"return\": [{\"name\": \"vda1\", \"mountpoint\": \"/"); // agent killed
     conn.handle_timeout(t0 + Duration::from_secs(5));
-    let _ = std::iter::from_fn(|| conn.poll_output()).count();
+    drain(&mut conn);
     assert_eq!(conn.state(), State::Syncing);
-    flush(&mut conn);
+    take_transmit(&mut conn);
     // The restarted agent answers the resync.
     let id = conn.sync_id().unwrap();
     conn.handle_input(b"\xff");

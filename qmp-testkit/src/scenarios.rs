@@ -71,6 +71,27 @@ async fn connect(a: &dyn Adapter, server: &FakeServer) -> Client {
         .expect("connect")
 }
 
+/// Clients 2 to 4 of a peer that serves one client at a time (`connect` with the options given):
+/// each must fail as `want` says, at its 300 ms deadline (well within 3 s).
+async fn later_clients_fail<T: std::fmt::Debug>(
+    who: &str,
+    connect: impl Fn(Options) -> BoxFut<Result<T, Error>>,
+    want: impl Fn(&Error) -> bool,
+) {
+    for attempt in 2..=4 {
+        let started = std::time::Instant::now();
+        let other = connect(Options::new().connect_timeout(Duration::from_millis(300))).await;
+        assert!(
+            matches!(&other, Err(e) if want(e)),
+            "{who} {attempt}: {other:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{who} {attempt}"
+        );
+    }
+}
+
 fn oob() -> Options {
     Options::new().config(Config::builder().enable_oob(true).build().expect("valid"))
 }
@@ -105,23 +126,12 @@ pub async fn qemu_handshake(a: &'static dyn Adapter) {
         .expect("first client");
     // QEMU's queue of pending connections holds one: the later attempts find it full, and must
     // give up at their deadline all the same (a blocking connect used to wait for ever).
-    for attempt in 2..=4 {
-        let started = std::time::Instant::now();
-        let other = a
-            .connect(
-                qsd.socket().into(),
-                Options::new().connect_timeout(Duration::from_millis(300)),
-            )
-            .await;
-        assert!(
-            matches!(other, Err(Error::NoGreeting)),
-            "client {attempt}: {other:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "client {attempt}"
-        );
-    }
+    later_clients_fail(
+        "client",
+        |options| a.connect(qsd.socket().into(), options),
+        |e| matches!(e, Error::NoGreeting),
+    )
+    .await;
     first.disconnect().await;
     let next = a
         .connect(qsd.socket().into(), Options::new())
@@ -1215,23 +1225,12 @@ pub async fn qga_commands_and_errors(a: &'static dyn Adapter) {
 
     // The agent serves one client at a time, and queues two more connections: every later one
     // times out at its deadline as a timeout, never as a missing QMP greeting (an agent has none).
-    for attempt in 2..=4 {
-        let started = std::time::Instant::now();
-        let other = a
-            .connect_agent(
-                qga.socket().to_owned(),
-                Options::new().connect_timeout(Duration::from_millis(300)),
-            )
-            .await;
-        assert!(
-            matches!(other, Err(Error::Timeout)),
-            "agent client {attempt}: {other:?}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "agent client {attempt}"
-        );
-    }
+    later_clients_fail(
+        "agent client",
+        |options| a.connect_agent(qga.socket().to_owned(), options),
+        |e| matches!(e, Error::Timeout),
+    )
+    .await;
     agent.disconnect().await;
     assert!(agent.is_closed());
     let next = connect_agent(a, qga.socket()).await;
