@@ -18,6 +18,16 @@ use serde_json::{Value, json};
 
 use crate::{FakeServer, GREETING, QemuGa, Qsd, ServerConn};
 
+pub mod events;
+pub mod peer_gone;
+pub mod protocol_rules;
+#[allow(unused_imports)]
+pub use events::*;
+#[allow(unused_imports)]
+pub use peer_gone::*;
+#[allow(unused_imports)]
+pub use protocol_rules::*;
+
 /// A boxed, sendable future.
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -1578,6 +1588,12 @@ macro_rules! conformance {
             qga_commands_and_errors, qga_files_and_large_reads, qga_resync_after_timeout,
             fake_agent_without_ids, fake_agent_junk_and_wrong_sync_ids, fake_agent_no_reply_commands,
             fake_agent_dropped_call_resyncs);
+        // Events: none lost after connect, bounded backpressure (scenarios/events.rs).
+        $crate::conformance!(@tests $adapter; );
+        // The peer going away, connect errors (scenarios/peer_gone.rs).
+        $crate::conformance!(@tests $adapter; );
+        // Greetings, id-less errors, bad replies, limits, wire ids (scenarios/protocol_rules.rs).
+        $crate::conformance!(@tests $adapter; );
     };
     (@tests $adapter:expr; $($name:ident),* $(,)?) => {
         $(

@@ -1,0 +1,4 @@
+//! Conformance scenarios: events.
+
+#[allow(unused_imports)]
+use super::*;

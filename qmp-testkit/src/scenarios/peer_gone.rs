@@ -1,0 +1,4 @@
+//! Conformance scenarios: peer_gone.
+
+#[allow(unused_imports)]
+use super::*;

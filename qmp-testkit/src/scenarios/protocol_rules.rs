@@ -1,0 +1,4 @@
+//! Conformance scenarios: protocol_rules.
+
+#[allow(unused_imports)]
+use super::*;
