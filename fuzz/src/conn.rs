@@ -659,6 +659,7 @@ impl Wire {
                 .unwrap_or_else(|| panic!("the client wrote wire id {wire}, held by no request"))
         };
         assert!(self.seen.insert(id), "the client wrote request {id} twice");
+        assert_eq!(id, wire, "a request's wire id is its own, never reused");
         if id == 0 {
             assert!(
                 name == "qmp_capabilities" && tracker.config.negotiate() && !oob,

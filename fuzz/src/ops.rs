@@ -459,8 +459,8 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
                 }
             }
             Op::Duplicate { k, pretty } => {
-                // Wire ids are reused once answered, so a second reply is taken for whichever
-                // request holds its id when it is read. Only send one whose fate is certain:
+                // Wire ids are never reused, so a second reply must come out unmatched. Only
+                // send one whose fate is certain:
                 // everything before it read, no junk that could swallow it and let it resurface
                 // later, its id held by nobody, delivered at once into an empty output queue
                 // (expiries can fill the queue without pausing input, which would leave it unread

@@ -254,8 +254,8 @@ pub(crate) fn write_all(root: &Path) {
 
     // Target 3: the connection fed real streams after its own greeting.
     let t = "connection_bytes";
-    // The captures answer ids 1 to 10 as recorded: all ten commands must be on the wire at once
-    // to carry them (wire ids are reused as soon as a reply frees one), so the window is 10.
+    // The captures answer ids 1 to 10 as recorded, which the connection's first ten commands
+    // carry.
     let replay = FuzzConfig {
         max_in_flight: 9,
         ..big_config()

@@ -23,9 +23,8 @@ const WRAPPER_TOKENS: usize = 16;
 pub struct RequestId(pub(crate) u64);
 
 impl RequestId {
-    /// The number identifying the request on this connection, counting from 1. It is not the
-    /// `id` on the wire, which is a small number reused once free: see
-    /// [`Connection::wire_id`](crate::Connection::wire_id).
+    /// The number identifying the request on this connection, counting from 1: the `id` it
+    /// carries on the wire once written (see [`Connection::wire_id`](crate::Connection::wire_id)).
     pub fn get(self) -> u64 {
         self.0
     }
@@ -356,7 +355,7 @@ pub(crate) fn end_with_id(wire: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(b"}\n");
 }
 
-/// Bytes [`end_with_id`] adds for wire ids up to `max`.
+/// Bytes [`end_with_id`] adds for wire id `max`, and for every smaller one.
 pub(crate) fn id_tail_len(max: u64) -> usize {
     9 + max.checked_ilog10().unwrap_or(0) as usize
 }

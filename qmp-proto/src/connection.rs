@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
-use std::num::NonZeroU64;
 use std::time::Instant;
 
 use crate::agent::{Agent, NO_SUCCESS_RESPONSE, SENTINEL};
@@ -12,11 +11,14 @@ use crate::error::{
     CloseReason, CommandError, Excerpt, Malformed, MalformedKind, ProtocolError, SendError,
 };
 use crate::framing::{FrameError, JsonSplitter};
-use crate::ids::{NEGOTIATION_ID, WireIds};
 use crate::message::{Event, Greeting, QmpError, RawJson, Timestamp, Unmatched};
 use crate::pending::Pending;
 use crate::transmit::{Transmit, TransmitBuf};
 use crate::wire::{self, Members};
+
+/// The `id` the handshake's `qmp_capabilities` carries. Requests count from the next one, and the
+/// id a request carries on the wire is its [`RequestId`]: unique for the life of the connection.
+const NEGOTIATION_ID: u64 = 0;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -159,8 +161,6 @@ struct Session {
     oob: bool,
     next_id: u64,
     pending: Pending<Entry>,
-    /// Which pending request each id on the wire belongs to.
-    wire_ids: WireIds,
     /// Queued requests in submission order: all of them before `Ready`, then in-band ones
     /// waiting for a window slot.
     queue: VecDeque<u64>,
@@ -184,9 +184,6 @@ struct Session {
 
 struct Entry {
     oob: bool,
-    /// The id it carries on the wire, once written (never 0, the handshake's: the niche keeps
-    /// entries, moved in and out of the pending table per request, 8 bytes smaller).
-    wire: Option<NonZeroU64>,
     /// Sent [`Command::no_reply`]: silence until the deadline, or EOF, is its success.
     no_reply: bool,
     deadline: Option<Instant>,
@@ -248,7 +245,6 @@ impl Connection {
                 oob: false,
                 next_id: NEGOTIATION_ID + 1,
                 pending: Pending::default(),
-                wire_ids: WireIds::default(),
                 queue: VecDeque::new(),
                 deadlines: BTreeSet::new(),
                 in_band_in_flight: 0,
@@ -345,12 +341,11 @@ impl Connection {
     }
 
     /// The `id` request `id` carries on the wire, once it is written and until its response
-    /// arrives (for matching a request with the bytes a trace shows). Wire ids are small numbers
-    /// reused once free, because QEMU reads a command a byte per system call; a
-    /// [`RequestId`] is never reused. A written request keeps its wire id until a response with
-    /// it arrives, even after a timeout or cancel, so a late response is never taken for a newer
-    /// request. (A peer that answered one command twice could have its second answer taken for
-    /// a newer command holding the same wire id; QEMU never does that.)
+    /// arrives. It is the request's own number: unique for the life of the connection and never
+    /// reused, so QEMU's traces, `--verbose` logs, a proxy or a person reading a capture can
+    /// correlate a command with its reply by id alone. (The handshake's `qmp_capabilities` is
+    /// `0`; requests count from `1`.) A written request keeps listening for its id after a
+    /// timeout or cancel, so its late response is recognised and dropped.
     ///
     /// ```
     /// use qmp_proto::{Command, Connection};
@@ -364,17 +359,17 @@ impl Connection {
     /// let a = conn.send(Command::new("query-status")).unwrap();
     /// assert_eq!(conn.wire_id(a), Some(1));
     /// conn.handle_input(b"{\"return\": {}, \"id\": 1}\r\n");
-    /// assert_eq!(conn.wire_id(a), None); // answered: 1 is free again
+    /// assert_eq!(conn.wire_id(a), None); // answered
     /// let b = conn.send(Command::new("query-status")).unwrap();
     /// assert!(b != a);
-    /// assert_eq!(conn.wire_id(b), Some(1));
+    /// assert_eq!(conn.wire_id(b), Some(2)); // never reused
     /// ```
     pub fn wire_id(&self, id: RequestId) -> Option<u64> {
         self.session
             .pending
             .get(id.0)
-            .and_then(|e| e.wire)
-            .map(NonZeroU64::get)
+            .filter(|e| !matches!(e.stage, Stage::Queued { .. }))
+            .map(|_| id.0)
     }
 
     /// Requests waiting to be written (before the handshake, or for a window slot).
@@ -784,9 +779,7 @@ impl Session {
     /// could not parse, not about any request.
     fn answered_by(&self, id: Option<Option<u64>>) -> Option<u64> {
         match id {
-            Some(wire) => wire
-                .and_then(|w| self.wire_ids.holder(w))
-                .filter(|&id| self.awaits(id)),
+            Some(wire) => wire.filter(|&id| self.awaits(id)),
             None if self.agent.is_some() && self.state == State::Ready => self
                 .pending
                 .iter()
@@ -872,10 +865,7 @@ impl Session {
         let write_now = self.state == State::Ready
             && (oob || (self.queue.is_empty() && self.in_band_in_flight < self.window()));
         let limit = self.config.max_command_size;
-        // The size is checked with the longest id the command could get, so that whether it fits
-        // does not depend on when it is written.
-        let id_room = id_tail_len(self.config.max_pending as u64);
-        let mut wire = None;
+        let id_room = id_tail_len(id);
         let stage = if write_now {
             let out = self.transmit.buf();
             let start = out.len();
@@ -886,9 +876,7 @@ impl Session {
                 // The id is not used up: ids stay dense for the commands actually sent.
                 return Err(SendError::TooLarge { size, limit });
             }
-            let w = self.wire_ids.take(id);
-            end_with_id(w, self.transmit.buf());
-            wire = NonZeroU64::new(w);
+            end_with_id(id, self.transmit.buf());
             if cmd.has_fds() {
                 self.transmit.mark_fds_at(start, RequestId(id));
             }
@@ -916,7 +904,6 @@ impl Session {
         }
         let entry = Entry {
             oob,
-            wire,
             no_reply,
             deadline,
             enables_oob: cmd.enables_oob(),
@@ -964,24 +951,19 @@ impl Session {
         if !e.oob {
             self.in_band_in_flight += 1;
         }
-        let wire = self.wire_ids.take(id);
-        e.wire = NonZeroU64::new(wire);
         if fds {
             self.transmit.mark_fds(RequestId(id));
         }
         let out = self.transmit.buf();
         out.extend_from_slice(&bytes);
-        end_with_id(wire, out);
+        end_with_id(id, out);
     }
 
-    /// Forgets request `id`: its entry, deadline and wire id.
+    /// Forgets request `id`: its entry and deadline.
     fn remove(&mut self, id: u64) -> Option<Entry> {
         let e = self.pending.remove(id)?;
         if let Some(at) = e.deadline {
             self.deadlines.remove(&(at, id));
-        }
-        if let Some(wire) = e.wire {
-            self.wire_ids.release(wire.get());
         }
         Some(e)
     }
@@ -1141,7 +1123,6 @@ impl Session {
         }
         self.queue.clear();
         self.deadlines.clear();
-        self.wire_ids.clear();
         self.transmit.clear();
         self.in_band_in_flight = 0;
         self.abandoned = 0;

@@ -17,8 +17,8 @@
 //!   table of pending requests. See [`Config`].
 //! * **The handshake**: greeting, `qmp_capabilities` with OOB when offered; commands sent early
 //!   are queued.
-//! * **Requests**: unique ids never reused (on the wire, small ids reused once answered, see
-//!   [`Connection::wire_id`]); exactly one outcome per request (return value, QMP
+//! * **Requests**: unique ids never reused, on the wire too (see [`Connection::wire_id`]);
+//!   exactly one outcome per request (return value, QMP
 //!   error, timed out, or closed) unless cancelled; late responses of cancelled or timed-out
 //!   requests dropped; OOB commands overtaking in-band ones, which are held to QEMU's queue
 //!   depth; the cascades of id-less errors QEMU sends after a parse error survived.
@@ -80,7 +80,6 @@ mod config;
 mod connection;
 mod error;
 pub mod framing;
-mod ids;
 mod message;
 mod pending;
 mod scan;

@@ -497,15 +497,14 @@ fn max_pending_refuses_more_requests_until_one_completes() {
     let _ = pair.execute("again");
 }
 
-/// The longest wire id with the default `max_pending` (1024), which a command's size is counted
-/// with, whatever id it gets.
-const LONGEST_ID: u64 = 1024;
+/// The wire id of a connection's first command, which its size is counted with.
+const FIRST_ID: u64 = 1;
 
-/// A command named `name` whose size as counted against `max_command_size` (its wire form
-/// `{"execute":...,"arguments":{"s":"ppp"},"id":<LONGEST_ID>}\n`) is exactly `size` bytes.
+/// A command named `name` whose size as the first command of a connection (its wire form
+/// `{"execute":...,"arguments":{"s":"ppp"},"id":1}\n`) is exactly `size` bytes.
 fn command_of_size(name: &str, size: usize) -> Command {
     let base =
-        format!("{{\"execute\":\"{name}\",\"arguments\":{{\"s\":\"\"}},\"id\":{LONGEST_ID}}}\n")
+        format!("{{\"execute\":\"{name}\",\"arguments\":{{\"s\":\"\"}},\"id\":{FIRST_ID}}}\n")
             .len();
     assert!(size >= base, "{size} < {base}");
     Command::new(name)
@@ -539,10 +538,10 @@ fn max_command_size_refuses_larger_commands_and_writes_nothing() {
     );
     assert_eq!(pair.client.pending(), 0);
     assert!(pair.client.poll_transmit().is_none(), "nothing written");
-    // Written with wire id 1, three digits shorter than the longest.
+    // Exactly at the limit, with the id it is written with.
     let _ = pair.send(command_of_size("x", limit));
     let wire = take_transmit(&mut pair.client);
-    assert_eq!(wire.len(), limit - 3);
+    assert_eq!(wire.len(), limit);
     assert!(wire.ends_with(b",\"id\":1}\n"));
     assert!(wire.starts_with(b"{\"execute\":\"x\""));
 }
@@ -559,7 +558,7 @@ fn a_command_of_exactly_max_command_size_is_accepted_whatever_its_name() {
     let mut pair = Pair::ready(config, FakeQemu::default(), Chunking::Whole);
     let cmd = command_of_size(&name, limit);
     assert_eq!(pair.client.send(cmd).map(|id| id.get()), Ok(1));
-    assert_eq!(take_transmit(&mut pair.client).len(), limit - 3);
+    assert_eq!(take_transmit(&mut pair.client).len(), limit);
 }
 
 #[test]

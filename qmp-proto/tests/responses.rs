@@ -58,7 +58,7 @@ fn error_classes_are_an_open_set_and_unknown_members_are_tolerated() {
 }
 
 #[test]
-fn ids_are_unique_increasing_and_wire_ids_small_numbers() {
+fn ids_are_unique_increasing_and_the_wire_carries_them() {
     let mut pair = Pair::ready(oob_config(), FakeQemu::default(), Chunking::Whole);
     let ids: Vec<_> = (0..100).map(|_| pair.execute("query-version")).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
@@ -70,13 +70,12 @@ fn ids_are_unique_increasing_and_wire_ids_small_numbers() {
         pair.server.reply_all();
         pair.drive();
     }
-    // On the wire, the smallest id free when each was written: with at most 8 in flight, the
-    // replies to each batch free 1..=8 for the next.
+    // On the wire, each command's own id: never reused, so a trace correlates by id alone.
     let wire: Vec<u64> = pair.server.log[1..]
         .iter()
         .map(|c| c["id"].as_u64().unwrap())
         .collect();
-    let want: Vec<u64> = (0..100).map(|i| i % 8 + 1).collect();
+    let want: Vec<u64> = ids.iter().map(|id| id.get()).collect();
     assert_eq!(wire, want);
 }
 
@@ -297,7 +296,7 @@ fn arguments_and_raw_commands_go_out_as_given_with_our_id() {
 
 #[test]
 #[allow(clippy::disallowed_methods)] // Instant::now: any starting instant will do
-fn a_wire_id_is_reused_only_once_its_response_arrived() {
+fn wire_ids_are_never_reused_and_late_replies_are_dropped() {
     let mut conn = qmp_proto::Connection::new(Config::builder().negotiate(false).build().unwrap());
     conn.handle_input(GREETING_10.as_bytes());
     let _ = drain(&mut conn);
@@ -314,7 +313,7 @@ fn a_wire_id_is_reused_only_once_its_response_arrived() {
         &drain(&mut conn)[..],
         [Output::Response { id, result: Err(CommandError::TimedOut) }] if *id == slow
     ));
-    // Timed out but answered later: 1 stays taken until its late reply arrives.
+    // Timed out but answered later: its late reply is recognised by its id and dropped.
     let next = conn.send(Command::new("next")).unwrap();
     assert_eq!(
         take_transmit(&mut conn),
@@ -328,15 +327,15 @@ fn a_wire_id_is_reused_only_once_its_response_arrived() {
         &drain(&mut conn)[..],
         [Output::Response { id, result: Ok(v) }] if *id == next && v.get() == "\"mine\""
     ));
-    // Both are free now; the smallest goes first. A second reply to an id nobody holds is
-    // unmatched, never taken for another request.
+    // A second reply to an answered id is unmatched, never taken for another request; the next
+    // command gets a new id, not a freed one.
     conn.handle_input(b"{\"return\": \"again\", \"id\": 2}\r\n");
     assert!(matches!(&drain(&mut conn)[..], [Output::Unmatched(_)]));
     let third = conn.send(Command::new("third")).unwrap();
-    assert_eq!(conn.wire_id(third), Some(1));
+    assert_eq!(conn.wire_id(third), Some(3));
     assert_eq!(
         take_transmit(&mut conn),
-        b"{\"execute\":\"third\",\"id\":1}\n"
+        b"{\"execute\":\"third\",\"id\":3}\n"
     );
     assert!(third > next && next > slow, "request ids are never reused");
 }
