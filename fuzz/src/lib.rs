@@ -141,6 +141,53 @@ pub(crate) fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
+/// Where the value starting at `bytes[0]` first passes a limit, by an independent scan: whether
+/// by depth (checked first at each byte) and its size up to that byte. `depth_only` ignores the
+/// size limit (values skipped anyway: not objects). `None` if it ends, or `bytes` do, before.
+pub(crate) fn limit_crossing(
+    bytes: &[u8],
+    max_size: usize,
+    max_depth: usize,
+    depth_only: bool,
+) -> Option<(bool, usize)> {
+    let (mut depth, mut in_string, mut escape) = (0usize, false, false);
+    for (i, &b) in bytes.iter().enumerate() {
+        let mut ended = false;
+        if in_string {
+            if escape {
+                escape = false;
+            } else if b == b'\\' {
+                escape = true;
+            } else if b == b'"' {
+                in_string = false;
+                ended = depth == 0;
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth = depth.checked_sub(1)?;
+                    ended = depth == 0;
+                }
+                _ if depth == 0 => return None,
+                _ => {}
+            }
+        }
+        if depth > max_depth {
+            return Some((true, i + 1));
+        }
+        // The splitter judges a value's size at the byte that passes the limit, even its last.
+        if !depth_only && i + 1 > max_size {
+            return Some((false, i + 1));
+        }
+        if ended {
+            return None;
+        }
+    }
+    None
+}
+
 /// An independent lexical scan of the value starting at `bytes[0]` (`{`, `[` or `"`): the index
 /// just past its end and its deepest nesting, or `None` if it does not end within `bytes`.
 pub(crate) fn lex_value(bytes: &[u8]) -> Option<(usize, usize)> {

@@ -1,11 +1,11 @@
 //! Targets 1 and 2: the JSON splitter on its own.
 
 use arbitrary::{Arbitrary, Unstructured};
-use qmp_proto::framing::{FrameError, JUNK_HEAD, JsonSplitter};
+use qmp_proto::framing::{FrameError, JUNK_HEAD, JsonSplitter, SKIP_DEPTH_LIMIT};
 use serde::Serialize as _;
 use serde_json::{Map, Value};
 
-use crate::{is_ws, lex_value, pieces};
+use crate::{is_ws, lex_value, limit_crossing, pieces};
 
 /// What the splitter yielded, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +127,28 @@ pub(crate) fn check_against_stream(stream: &[u8], items: &[Item], lim: Limits, f
                     );
                     assert!(*size > lim.size, "{}", at("not too large"));
                 }
+                pos += size;
+            }
+            Item::Error(FrameError::OverLimit { too_deep, size, .. }) => {
+                // Said where the object passes a limit; its bytes are accounted for by what
+                // reports its end (so `pos` stays).
+                assert_eq!(rest.first(), Some(&b'{'), "{}", at("not an object"));
+                let crossing = limit_crossing(rest, lim.size, lim.depth, false);
+                assert_eq!(crossing, Some((*too_deep, *size)), "{}", at("not where"));
+                assert!(
+                    !matches!(items.get(n + 1), Some(Item::Frame(_))),
+                    "{}",
+                    at("followed by a frame")
+                );
+            }
+            Item::Error(FrameError::TooDeepToSkip { size }) => {
+                assert!(
+                    matches!(rest.first(), Some(b'{' | b'[' | b'"')),
+                    "{}",
+                    at("not a value")
+                );
+                let crossing = limit_crossing(rest, usize::MAX, SKIP_DEPTH_LIMIT, true);
+                assert_eq!(crossing, Some((true, *size)), "{}", at("not where"));
                 pos += size;
             }
             Item::Error(FrameError::NotAnObject { size }) => {
@@ -329,7 +351,14 @@ pub fn splitter_differential(data: &[u8]) {
 
     let got: Vec<&Item> = whole
         .iter()
-        .filter(|i| !matches!(i, Item::Error(FrameError::UnexpectedBytes { .. })))
+        // Limits passed are said again when their value ends (`check_against_stream` checks
+        // where).
+        .filter(|i| {
+            !matches!(
+                i,
+                Item::Error(FrameError::UnexpectedBytes { .. } | FrameError::OverLimit { .. })
+            )
+        })
         .collect();
     assert_eq!(
         got.len(),

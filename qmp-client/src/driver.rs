@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_channel::oneshot;
-use qmp_proto::{Connection, Greeting, Output, RawJson, RequestId, SendError};
+use qmp_proto::{CommandError, Connection, Greeting, Output, RawJson, RequestId, SendError};
 use serde_json::Value;
 
 use crate::calls::Request;
@@ -451,6 +451,14 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                     }
                 }
                 Output::Response { id, result } => {
+                    if let Err(
+                        e @ (CommandError::ResponseTooLarge { .. }
+                        | CommandError::ResponseTooDeep { .. }
+                        | CommandError::NotAReply(_)),
+                    ) = &result
+                    {
+                        tracing::warn!(error = %e, "a reply the client cannot use");
+                    }
                     let result = result
                         .map(Answer::Text)
                         .map_err(|e| Error::from_command(e, || self.reason()));

@@ -537,6 +537,15 @@ impl Connection {
     fn process(&mut self) {
         let s = &mut self.session;
         while s.state != State::Closed {
+            if s.state == State::AwaitingGreeting {
+                // A greeting is an object: anything else first (an SSH banner, an HMP prompt) is
+                // the wrong peer, and waiting for it to end would only wait out the deadline.
+                let ahead = self.splitter.ahead();
+                if ahead.first().is_some_and(|&b| b != b'{') {
+                    let excerpt = Excerpt::new(ahead);
+                    return s.close(ProtocolError::BadGreeting(excerpt).into());
+                }
+            }
             if s.outputs.len() >= s.config.max_buffered_outputs {
                 s.paused = true;
                 return;
@@ -591,6 +600,14 @@ impl Session {
     }
 
     fn malformed(&mut self, kind: MalformedKind, bytes: &[u8]) {
+        if self.state == State::AwaitingGreeting {
+            // Whatever it is, it is not the greeting that must come first.
+            let excerpt = match bytes {
+                [] => Excerpt::new(kind.to_string().as_bytes()),
+                _ => Excerpt::new(bytes),
+            };
+            return self.close(ProtocolError::BadGreeting(excerpt).into());
+        }
         if self.syncing() {
             self.stats.discarded += 1;
             return;
@@ -634,8 +651,64 @@ impl Session {
                 self.truncated = Some(len);
                 return;
             }
+            (FrameError::OverLimit { too_deep, size, id }, _) => {
+                return self.over_limit(too_deep, size, id);
+            }
+            (FrameError::TooDeepToSkip { size }, _) => {
+                if self.state == State::AwaitingGreeting {
+                    return self.malformed(MalformedKind::TooDeep { size }, &[]);
+                }
+                return self.close(ProtocolError::TooDeepToSkip { size }.into());
+            }
         };
         self.malformed(kind, &[]);
+    }
+
+    /// A message passed a limit and is being skipped, which may take long or never end: the
+    /// requests it may be the reply to fail now, not when (or if) it ends. They are abandoned,
+    /// so the end of the message, or their real reply if it was not theirs, is dropped as late.
+    /// Which they are: the one its id names if the id came before the limit; else on a guest
+    /// agent the one command in flight, and on QMP the oldest in-band request in flight
+    /// (in-band replies come in order) and every out-of-band one (those may overtake).
+    fn over_limit(&mut self, too_deep: bool, size: usize, id: Option<u64>) {
+        if self.state == State::AwaitingGreeting {
+            let kind = match too_deep {
+                true => MalformedKind::TooDeep { size },
+                false => MalformedKind::TooLarge { size },
+            };
+            return self.malformed(kind, &[]);
+        }
+        let victims: Vec<u64> = match id {
+            Some(wire) => self.answered_by(Some(Some(wire))).into_iter().collect(),
+            None if self.agent.is_some() => self.answered_by(None).into_iter().collect(),
+            None => {
+                let mut oldest_in_band = true;
+                self.pending
+                    .iter()
+                    .filter(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
+                    .filter(|(_, e)| e.oob || std::mem::take(&mut oldest_in_band))
+                    .map(|(id, _)| id)
+                    .collect()
+            }
+        };
+        for id in victims {
+            if !self
+                .pending
+                .get(id)
+                .is_some_and(|e| matches!(e.stage, Stage::InFlight))
+            {
+                continue;
+            }
+            self.abandon(id);
+            let error = match too_deep {
+                true => CommandError::ResponseTooDeep { size },
+                false => CommandError::ResponseTooLarge { size },
+            };
+            self.output(Output::Response {
+                id: RequestId(id),
+                result: Err(error),
+            });
+        }
     }
 
     fn on_message(&mut self, frame: &[u8]) {
@@ -654,6 +727,12 @@ impl Session {
     }
 
     fn on_members(&mut self, frame: &[u8], m: Members<'_>) {
+        let is_message = m.ret.is_some() || m.error.is_some() || m.event.is_some();
+        if self.agent.is_some() && self.stats.syncs == 0 && m.qmp.is_some() && !is_message {
+            // A QMP monitor greets as it accepts, so during the handshake: waiting for a sync
+            // reply it will never send would only wait out the deadline.
+            return self.close(ProtocolError::QmpGreeting(Excerpt::new(frame)).into());
+        }
         if let Some(agent) = &self.agent
             && agent.syncing.is_some()
         {
@@ -665,16 +744,11 @@ impl Session {
             self.stats.discarded += 1;
             return;
         }
-        let is_message = m.ret.is_some() || m.error.is_some() || m.event.is_some();
         if let (Some(qmp), false) = (m.qmp, is_message) {
             return self.on_greeting(qmp, frame);
         }
         if self.state == State::AwaitingGreeting {
-            // Only a QMP message counts: junk before the greeting is reported and skipped.
-            if is_message {
-                let excerpt = Excerpt::new(frame);
-                return self.close(ProtocolError::BadGreeting(excerpt).into());
-            }
+            return self.close(ProtocolError::BadGreeting(Excerpt::new(frame)).into());
         }
         if let Some(error) = m.error {
             let error = QmpError::parse(error);
@@ -691,6 +765,13 @@ impl Session {
                 timestamp: Timestamp::parse(m.timestamp),
             };
             return self.output(Output::Event(event));
+        }
+        // A reply with one of our ids but neither `return` nor `error`: its caller would
+        // otherwise wait for an answer that has come and gone.
+        let answers = self.answered_by(m.id.map(|_| m.numeric_id()));
+        if let Some(id) = answers.filter(|_| m.event.is_none()) {
+            let excerpt = Excerpt::new(frame);
+            return self.finish(id, Err(CommandError::NotAReply(excerpt)));
         }
         self.malformed(MalformedKind::Unclassifiable, frame);
     }

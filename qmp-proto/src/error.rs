@@ -88,7 +88,8 @@ pub enum CommandError {
     /// [`Connection::close_reason`](crate::Connection::close_reason).
     #[error("the connection closed before the response arrived")]
     Closed,
-    /// The response was larger than `max_message_size` and was skipped unread. Raise
+    /// The response was larger than `max_message_size` and was skipped unread (`size`: its size,
+    /// or when reported as soon as the limit was passed, before it ended, its size then). Raise
     /// [`ConfigBuilder::max_message_size`](crate::ConfigBuilder::max_message_size) if such
     /// responses are expected.
     #[error("the response of {size} bytes exceeds max_message_size and was skipped")]
@@ -116,6 +117,11 @@ pub enum CommandError {
         /// The peer closed the connection (the guest went down), rather than staying silent.
         closed: bool,
     },
+    /// The peer broke the protocol in its reply: a message carrying this request's id has neither
+    /// `return` nor `error` (the excerpt shows what arrived). The connection carries on; the
+    /// command may or may not have run.
+    #[error("protocol error: the reply has neither `return` nor `error`: `{0}`")]
+    NotAReply(Excerpt),
     /// [`Connection::resync`](crate::Connection::resync) started a guest-agent resync while
     /// this request was in flight: its response can no longer be told apart from stale ones, so
     /// it is given up. The command may or may not have run.
@@ -142,16 +148,40 @@ pub enum CloseReason {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
-    /// The first message was not a QMP greeting. Is this a QMP monitor socket (and not, say, a
-    /// guest agent or an HMP monitor)?
-    #[error("expected a QMP greeting, got `{0}`")]
+    /// The first bytes were not a QMP greeting (the excerpt shows what arrived): junk such as an
+    /// SSH banner or an HMP prompt, a JSON value that is not an object, or an object without a
+    /// `QMP` member. Reported as soon as they arrive. Is this a QMP monitor socket (and not, say,
+    /// a guest agent, an HMP monitor or another service)?
+    #[error(
+        "expected a QMP greeting, got `{0}`: is this a QEMU monitor (QMP) socket? (a guest \
+         agent's never greets: connect to it as a guest agent)"
+    )]
     BadGreeting(Excerpt),
+    /// Guest-agent mode: the peer sent a QMP greeting (the excerpt), so it is a QEMU monitor, not
+    /// a guest agent. Connect to it as a QMP monitor instead.
+    #[error(
+        "got a QMP greeting (`{0}`): this is a QEMU monitor, not a guest agent; connect to it as \
+         a QMP monitor"
+    )]
+    QmpGreeting(Excerpt),
     /// The server refused `qmp_capabilities`.
     #[error("capabilities negotiation was refused: {0}")]
     NegotiationRejected(QmpError),
     /// The stream ended before the handshake finished.
     #[error("the server closed the connection during the handshake")]
     EofDuringHandshake,
+    /// The server sent a value nested deeper than
+    /// [`SKIP_DEPTH_LIMIT`](crate::framing::SKIP_DEPTH_LIMIT) levels, which no QEMU does (its own
+    /// parser gives up there): the stream cannot be followed past it. Is this a QMP peer?
+    #[error(
+        "the server sent a value nested deeper than {limit} levels after {size} bytes, as no QEMU \
+         does; closed rather than guess where its messages resume",
+        limit = crate::framing::SKIP_DEPTH_LIMIT
+    )]
+    TooDeepToSkip {
+        /// Bytes of the value when it passed that depth.
+        size: usize,
+    },
     /// The stream ended in the middle of a message.
     #[error("the server closed the connection in the middle of a message ({buffered} bytes)")]
     UnexpectedEof {

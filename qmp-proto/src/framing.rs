@@ -44,6 +44,27 @@ pub enum FrameError {
         /// The first few bytes of the run (at most [`JUNK_HEAD`]).
         head: Vec<u8>,
     },
+    /// An object passed the size or depth limit: from here on it is skipped without being
+    /// buffered, and reported again, as [`TooLarge`](Self::TooLarge) or
+    /// [`TooDeep`](Self::TooDeep), when it ends. Reported at the byte where the limit was passed,
+    /// whatever the chunking, so a caller waiting for the reply it may be can be told at once,
+    /// not only when (or if) the value ends.
+    OverLimit {
+        /// Whether it was the depth limit (else the size limit) that was passed first.
+        too_deep: bool,
+        /// Bytes of the object up to that point.
+        size: usize,
+        /// Its top-level `id` member, if that came before this point and is a non-negative
+        /// integer.
+        id: Option<u64>,
+    },
+    /// A value nested deeper than [`SKIP_DEPTH_LIMIT`] levels, which no QEMU sends (its own
+    /// parser gives up there too): it was given up where that depth was passed, and what follows
+    /// is read afresh. The stream is probably not QMP.
+    TooDeepToSkip {
+        /// Bytes of the value up to that point.
+        size: usize,
+    },
     /// The stream ended (see [`JsonSplitter::finish`]) inside a value.
     Truncated {
         /// Bytes of the unfinished value.
@@ -62,6 +83,17 @@ impl fmt::Display for FrameError {
             }
             Self::NotAnObject { size } => write!(f, "top-level non-object of {size} bytes"),
             Self::UnexpectedBytes { len, .. } => write!(f, "{len} unexpected bytes between values"),
+            Self::OverLimit { too_deep, size, .. } => {
+                let limit = if *too_deep { "depth" } else { "size" };
+                write!(
+                    f,
+                    "object passed the {limit} limit after {size} bytes; skipping it"
+                )
+            }
+            Self::TooDeepToSkip { size } => write!(
+                f,
+                "value nested deeper than {SKIP_DEPTH_LIMIT} levels after {size} bytes; given up"
+            ),
             Self::Truncated { len } => write!(f, "stream ended inside a value after {len} bytes"),
         }
     }
@@ -73,7 +105,11 @@ const SHRINK_ABOVE: usize = 1 << 20;
 const SHRINK_AFTER: u32 = 64;
 
 /// How many bytes of a junk run [`FrameError::UnexpectedBytes`] keeps for diagnostics.
-pub const JUNK_HEAD: usize = 32;
+pub const JUNK_HEAD: usize = 80;
+
+/// Nesting past which a skipped value is given up ([`FrameError::TooDeepToSkip`]): QEMU's own
+/// input limit (`MAX_NESTING` in `qobject/json-streamer.c`), which no QEMU output comes near.
+pub const SKIP_DEPTH_LIMIT: usize = 1024;
 
 /// Where the scanner stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +164,11 @@ pub struct JsonSplitter {
     skipped: usize,
     /// The skipped value went deeper than `max_depth` (takes precedence over size).
     too_deep: bool,
+    /// The skipped value went deeper than [`SKIP_DEPTH_LIMIT`].
+    hopeless: bool,
+    /// The value whose [`FrameError::OverLimit`] was just reported also ended there: its end is
+    /// reported next.
+    ended: bool,
     /// Finds the top-level `id` of an object being skipped.
     sniffer: IdSniffer,
     junk_len: usize,
@@ -170,6 +211,8 @@ impl JsonSplitter {
             escape: false,
             skipped: 0,
             too_deep: false,
+            hopeless: false,
+            ended: false,
             sniffer: IdSniffer::default(),
             junk_len: 0,
             junk_head: Vec::new(),
@@ -243,6 +286,13 @@ impl JsonSplitter {
         }
     }
 
+    /// [`unscanned`](Self::unscanned) from its first byte that is not whitespace: where the next
+    /// value starts (or junk), once it has arrived.
+    pub(crate) fn ahead(&self) -> &[u8] {
+        let bytes = self.unscanned();
+        &bytes[crate::scan::skip_ws(bytes)..]
+    }
+
     /// Marks the first `len` bytes of [`unscanned`](Self::unscanned) as consumed: whitespace and
     /// one complete object within the limits, exactly what `next_frame` would have returned.
     pub(crate) fn take_unscanned(&mut self, len: usize) {
@@ -272,6 +322,9 @@ impl JsonSplitter {
     }
 
     fn advance(&mut self) -> Step {
+        if std::mem::take(&mut self.ended) {
+            return Step::Error(self.end_skip(self.scan));
+        }
         let len = self.buf.len();
         let mut i = self.scan;
         if self.mode == Mode::Between {
@@ -309,6 +362,7 @@ impl JsonSplitter {
             self.in_string = first == b'"';
             self.escape = false;
             self.too_deep = false;
+            self.hopeless = false;
             self.skipped = 0;
             if first == b'{' {
                 self.mode = Mode::Keep;
@@ -330,12 +384,25 @@ impl JsonSplitter {
                 .map_or(len, |k| i + k),
             None => len,
         };
-        let end = self.scan_value(i, limit);
+        let keep = self.mode == Mode::Keep;
+        // A kept object is scanned no further than the byte that passes a limit, so that where
+        // it is reported does not depend on the chunking.
+        let stop = match keep {
+            true => limit.min(self.start.saturating_add(self.max_size).saturating_add(1)),
+            false => limit,
+        };
+        let end = self.scan_value(i, stop, keep);
         let done = self.depth == 0 && !self.in_string;
-        if !done && limit < len {
-            return Step::Error(self.drop_value(value_start, limit));
+        if !done && end == limit && limit < len {
+            let (len, head) = self.drop_value(value_start, limit);
+            return Step::Error(FrameError::UnexpectedBytes { len, head });
         }
-        if self.mode == Mode::Keep {
+        if self.hopeless {
+            // Bytes after `end` are kept: the value is given up, not the stream.
+            let (size, _) = self.drop_value(value_start, end);
+            return Step::Error(FrameError::TooDeepToSkip { size });
+        }
+        if keep {
             let size = end - self.start;
             if !self.too_deep && size <= self.max_size {
                 self.scan = end;
@@ -346,7 +413,7 @@ impl JsonSplitter {
                 }
                 return self.need_more();
             }
-            // Over a limit: stop buffering, keep counting to the end of the value.
+            // Over a limit: say so now, stop buffering, keep counting to the end of the value.
             self.mode = Mode::Skip(if self.too_deep {
                 SkipReason::TooDeep
             } else {
@@ -355,13 +422,16 @@ impl JsonSplitter {
             self.skipped = size;
             self.sniffer = IdSniffer::default();
             self.sniffer.feed(&self.buf[self.start..end]);
-            if done {
-                return Step::Error(self.end_skip(end));
-            }
-            self.buf.truncate(self.start);
+            // Unscanned bytes after `end` stay.
+            self.buf.drain(self.start..end);
             self.scan = self.start;
             self.keep_from = self.start;
-            return self.need_more();
+            self.ended = done;
+            return Step::Error(FrameError::OverLimit {
+                too_deep: self.too_deep,
+                size,
+                id: self.sniffer.id,
+            });
         }
         self.skipped += end - value_start;
         if self.mode != Mode::Skip(SkipReason::NotAnObject) {
@@ -416,9 +486,9 @@ impl JsonSplitter {
         }
     }
 
-    /// Drops the value under way, cut short by the reset byte at `at` (`value_start`: where this
-    /// round of scanning began), and reports what of it was seen.
-    fn drop_value(&mut self, value_start: usize, at: usize) -> FrameError {
+    /// Drops the value under way up to `at` (a reset byte, or where it was given up;
+    /// `value_start`: where this round of scanning began): its size and first bytes.
+    fn drop_value(&mut self, value_start: usize, at: usize) -> (usize, Vec<u8>) {
         let (len, head) = match self.mode {
             Mode::Keep => (
                 at - self.start,
@@ -434,12 +504,14 @@ impl JsonSplitter {
         self.scan = 0;
         self.keep_from = 0;
         self.start = 0;
-        FrameError::UnexpectedBytes { len, head }
+        (len, head)
     }
 
     /// Scans inside a value from `i` until the value ends (`depth == 0`, returns the index after
-    /// its last byte) or `limit` does (returns `limit`).
-    fn scan_value(&mut self, mut i: usize, limit: usize) -> usize {
+    /// its last byte) or `limit` does (returns `limit`). Also stops after the byte that takes it
+    /// past [`SKIP_DEPTH_LIMIT`] (`hopeless`), and, with `stop_too_deep`, after the one that
+    /// takes it past `max_depth`.
+    fn scan_value(&mut self, mut i: usize, limit: usize, stop_too_deep: bool) -> usize {
         let buf = &self.buf[..limit];
         let len = buf.len();
         while i < len {
@@ -474,8 +546,15 @@ impl JsonSplitter {
                         b'"' => self.in_string = true,
                         b'{' | b'[' => {
                             self.depth += 1;
-                            if self.depth > self.max_depth {
+                            if self.depth > self.max_depth && !self.too_deep {
                                 self.too_deep = true;
+                                if stop_too_deep {
+                                    return i + 1;
+                                }
+                            }
+                            if self.depth > SKIP_DEPTH_LIMIT {
+                                self.hopeless = true;
+                                return i + 1;
                             }
                         }
                         _ => {

@@ -421,11 +421,15 @@ fn an_oversized_reply_fails_the_command_in_flight_even_without_an_id() {
         "QUFB".repeat(1000)
     );
     conn.handle_input(big.as_bytes());
+    // Failed where the limit is passed (byte 1025), not when the reply ends; its end is then
+    // dropped as late.
     let out = drain(&mut conn);
-    assert!(
-        matches!(err(&out[0]), (got, CommandError::ResponseTooLarge { size }) if got == id && size > 4000),
-        "{out:?}"
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(
+        err(&out[0]),
+        (id, CommandError::ResponseTooLarge { size: 1025 })
     );
+    assert_eq!(conn.stats().late, 1);
     assert_eq!(conn.buffered_input(), 0);
 }
 
@@ -460,6 +464,31 @@ fn large_base64_replies_work_within_the_limit() {
     let read: Read = raw.deserialize().unwrap();
     assert!(read.eof);
     assert_eq!(read.buf.len(), 16 << 20);
+}
+
+#[test]
+fn a_qmp_monitor_is_told_apart_from_a_guest_agent_at_once() {
+    // What a QMP monitor sends as it accepts, in any chunking: the guest-agent handshake fails
+    // at once saying it is a QMP monitor, not when the connect deadline passes.
+    let greeting = br#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#;
+    for chunking in CHUNKINGS {
+        let (mut conn, _) = agent();
+        let id = conn.send(Command::new("guest-ping")).unwrap();
+        let mut bytes = greeting.to_vec();
+        bytes.extend_from_slice(b"\r\n");
+        let out = feed(&mut conn, &bytes, chunking);
+        assert_eq!(err(&out[0]), (id, CommandError::Closed), "{chunking:?}");
+        let Some(Output::Closed(CloseReason::Protocol(ProtocolError::QmpGreeting(e)))) = out.get(1)
+        else {
+            panic!("{chunking:?}: {out:?}")
+        };
+        assert!(e.as_str().starts_with("{\"QMP\""));
+        let msg = conn.close_reason().unwrap().to_string();
+        assert!(
+            msg.contains("QMP greeting") && msg.contains("not a guest agent"),
+            "{msg}"
+        );
+    }
 }
 
 #[test]

@@ -168,17 +168,76 @@ fn a_greeting_without_a_version_is_a_bad_greeting() {
     ));
 }
 
+/// What a socket that is not a QMP monitor sends first, and what the excerpt must show.
+const NOT_GREETINGS: &[(&[u8], &str)] = &[
+    (
+        b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+        "SSH-2.0-OpenSSH_9.2p1 Debian-2",
+    ),
+    (
+        b"QEMU 10.0.2 monitor - type 'help' for more information\r\n(qemu) ",
+        "QEMU 10.0.2 monitor",
+    ),
+    (b"\xff\x01garbage\r\n", "\u{FFFD}\u{1}garbage"),
+    (b"  [1, 2, 3]\r\n", "[1, 2, 3]"),
+    (b"\"QMP\"\r\n", "\"QMP\""),
+    (b"42\r\n", "42"),
+    (b"{\"hello\": \"world\"}\r\n", "{\"hello\": \"world\"}"),
+    (
+        b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}",
+        "{\"event\": \"STOP\"",
+    ),
+    (b"{\"QMP\": nope}\r\n", "{\"QMP\": nope}"),
+];
+
 #[test]
-fn junk_before_the_greeting_is_reported_and_skipped() {
-    let mut conn = Connection::default();
-    conn.handle_input(b"\xff\x01garbage\r\n");
-    conn.handle_input(GREETING_10.as_bytes());
-    let out = drain(&mut conn);
-    assert!(
-        matches!(&out[0], Output::Malformed(m) if m.kind == qmp_proto::MalformedKind::UnexpectedBytes { len: 11 })
-    );
-    assert!(matches!(&out[1], Output::Greeting(_)));
-    assert_eq!(conn.state(), State::Negotiating);
+fn anything_but_a_greeting_first_fails_at_once_showing_what_arrived() {
+    for chunking in CHUNKINGS {
+        for &(bytes, shown) in NOT_GREETINGS {
+            let mut conn = Connection::default();
+            // No end of stream, no more bytes: the verdict may not wait for either. It shows
+            // what had arrived when it was reached: all of it when it came in one read.
+            let out = feed(&mut conn, bytes, chunking);
+            let what = String::from_utf8_lossy(bytes);
+            let fits = |e: &str| match chunking {
+                Chunking::Whole => e.contains(shown),
+                _ => !e.is_empty() && what.trim_start().starts_with(e),
+            };
+            assert!(
+                matches!(&out[..], [Output::Closed(CloseReason::Protocol(ProtocolError::BadGreeting(e)))]
+                    if fits(e.as_str())),
+                "{what:?} in {chunking:?}: {out:?} {:?}",
+                conn.close_reason().map(ToString::to_string)
+            );
+            assert!(conn.poll_transmit().is_none(), "{what:?}: nothing written");
+        }
+    }
+    // An object past the size limit before any greeting: not one either, and said at once.
+    let config = Config::builder().max_message_size(256).build().unwrap();
+    let mut conn = Connection::new(config);
+    conn.handle_input(format!("{{\"QMP\": \"{}", "x".repeat(1000)).as_bytes());
+    let reason = conn
+        .close_reason()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(reason.contains("expected a QMP greeting"), "{reason:?}");
+}
+
+#[test]
+fn a_greeting_in_any_chunking_after_whitespace_is_fine() {
+    for chunking in CHUNKINGS {
+        let mut conn = Connection::default();
+        let out = feed(
+            &mut conn,
+            format!("\r\n  {GREETING_10}\r\n").as_bytes(),
+            chunking,
+        );
+        assert!(
+            matches!(&out[..], [Output::Greeting(_)]),
+            "{chunking:?}: {out:?}"
+        );
+        assert_eq!(conn.state(), State::Negotiating);
+    }
 }
 
 #[test]

@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use qmp_proto::{
-    Command, CommandError, Config, ConfigError, MAX_DEPTH_LIMIT, Malformed, MalformedKind, Output,
-    RawJson, SendError,
+    CloseReason, Command, CommandError, Config, ConfigError, MAX_DEPTH_LIMIT, Malformed,
+    MalformedKind, Output, ProtocolError, RawJson, SendError,
 };
 use serde_json::{Value, json};
 
@@ -66,23 +66,27 @@ fn a_message_over_max_message_size_is_skipped_with_its_exact_size_and_the_next_o
                 result: Ok(RawJson::from_json(r#"{"ok": true}"#).unwrap())
             }
         );
-        // Nothing of a skipped message is kept but its id, sniffed on the way past, so its
-        // request fails at once instead of waiting for a response that will never come.
+        // Nothing of a skipped message is kept but its id, sniffed on the way past. Without an
+        // id before the limit, a message passing it may be the reply to the oldest command in
+        // flight: that fails at once (byte 1025), rather than when or if the message ends. Here
+        // the message was an event, and the command's real reply, itself too large, is dropped
+        // as late.
         assert_eq!(
-            out[1],
+            out[0],
             Output::Response {
                 id: lost,
-                result: Err(CommandError::ResponseTooLarge { size: 5000 })
+                result: Err(CommandError::ResponseTooLarge { size: 1025 })
             }
         );
         assert_eq!(pair.client.pending(), 0);
         assert_eq!(pair.client.stats().malformed, 1);
+        assert_eq!(pair.client.stats().late, 1);
         out
     });
     assert!(malformed(MalformedKind::TooLarge {
         size: big_event.len()
-    })(&out[0]));
-    let Output::Malformed(m) = &out[0] else {
+    })(&out[1]));
+    let Output::Malformed(m) = &out[1] else {
         panic!()
     };
     assert_eq!(
@@ -158,14 +162,17 @@ fn a_fifty_megabyte_message_in_4k_pieces_keeps_the_input_buffer_bounded() {
     assert!(peak > MAX / 2, "the start of the message was buffered");
     assert_eq!(conn.buffered_input(), 0);
     assert_eq!(out.len(), 2, "{:?}", canonical(&out));
+    // Failed where the limit was passed, long before the message ended.
     assert_eq!(
         out[0],
         Output::Response {
             id: lost,
-            result: Err(CommandError::ResponseTooLarge { size })
+            result: Err(CommandError::ResponseTooLarge { size: MAX + 1 })
         }
     );
+    assert!(size > MAX + 1);
     assert!(ok_response(&out[1], next.get()));
+    assert_eq!(conn.stats().late, 1, "its end is dropped as late");
     assert_eq!(conn.stats().bytes_received - before, stream.len() as u64);
 }
 
@@ -207,8 +214,9 @@ fn fifty_megabytes_of_junk_are_reported_in_bounded_runs_and_never_buffered() {
 // --- Nesting depth -------------------------------------------------------------------------------
 
 #[test]
-fn ten_thousand_levels_of_nesting_are_skipped_without_recursion_and_the_stream_carries_on() {
-    const DEEP: usize = 10_000;
+fn a_thousand_levels_of_nesting_are_skipped_without_recursion_and_the_stream_carries_on() {
+    // Deeper than any limit a caller can set, within QEMU's own (SKIP_DEPTH_LIMIT).
+    const DEEP: usize = 1000;
     let arrays = nested(DEEP, true);
     let objects = nested(DEEP, false);
     // Ids no request has: a skipped response to a pending request fails that request instead.
@@ -253,12 +261,14 @@ fn ten_thousand_levels_of_nesting_are_skipped_without_recursion_and_the_stream_c
     ];
     for (bytes, kind) in hostile {
         let out = same_under_every_chunking(|chunking| {
+            // Nothing in flight that it could be the reply to.
             let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+            pair.server.send_raw(bytes.as_bytes());
+            pair.server.send_raw(b"\r\n");
+            pair.drive();
             let id = pair.execute("query-status");
             pair.drive();
             let cmd = pair.server.next_command().unwrap();
-            pair.server.send_raw(bytes.as_bytes());
-            pair.server.send_raw(b"\r\n");
             pair.server.reply(&cmd, json!({"status": "running"}));
             pair.drive();
             let out = pair.take_outputs();
@@ -268,6 +278,49 @@ fn ten_thousand_levels_of_nesting_are_skipped_without_recursion_and_the_stream_c
         assert_eq!(out.len(), 2, "{kind:?}: {:?}", canonical(&out));
         assert!(malformed(kind.clone())(&out[0]), "{kind:?}: {:?}", out[0]);
     }
+}
+
+#[test]
+fn nesting_past_qemus_own_limit_closes_at_once_and_fails_the_call_in_flight() {
+    let arrays = nested(10_000, true);
+    let objects = nested(10_000, false);
+    for (bytes, in_object) in [
+        (format!(r#"{{"return": {arrays}, "id": 1}}"#), true),
+        (format!(r#"{{"return": {objects}, "id": 1}}"#), true),
+        (arrays.clone(), false),
+    ] {
+        let out = same_under_every_chunking(|chunking| {
+            let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+            let id = pair.execute("query-status");
+            pair.drive();
+            // Only the first half arrives, and it never closes: no need to wait for it.
+            pair.server.send_raw(&bytes.as_bytes()[..bytes.len() / 2]);
+            pair.drive();
+            let out = pair.take_outputs();
+            assert_eq!(outputs_for(&out, id), 1, "{out:?}");
+            out
+        });
+        let closed = out.last().unwrap();
+        assert!(
+            matches!(closed, Output::Closed(CloseReason::Protocol(ProtocolError::TooDeepToSkip { size }))
+                if *size < 6000),
+            "{closed:?}"
+        );
+        // The call fails at the first limit it meets: the depth limit for the reply (64), or
+        // the close for a top-level array, which cannot be a reply.
+        let want = match in_object {
+            true => "ResponseTooDeep",
+            false => "Closed",
+        };
+        assert!(format!("{:?}", out[0]).contains(want), "{:?}", out[0]);
+    }
+}
+
+/// How many outputs answer `id`.
+fn outputs_for(out: &[Output], id: qmp_proto::RequestId) -> usize {
+    out.iter()
+        .filter(|o| matches!(o, Output::Response { id: got, .. } if *got == id))
+        .count()
 }
 
 /// How deep `json` nests (it has no brackets inside strings).
@@ -321,9 +374,11 @@ fn exactly_max_depth_is_accepted_and_one_level_more_is_too_deep() {
             };
             let want: Value = serde_json::from_str(&nested(max - 1, arrays)).unwrap();
             assert_eq!(value.to_value().unwrap(), want, "{label}");
+            // b's reply: its id comes at its end, but in-band replies come in order, so it is
+            // failed where it passes the depth limit; its end is then dropped as late.
             assert!(
-                matches!(out[1], Output::Response { result: Err(CommandError::ResponseTooDeep { size }), .. }
-                    if size == too_deep.len()),
+                matches!(out[1], Output::Response { id, result: Err(CommandError::ResponseTooDeep { size }) }
+                    if id.get() == 2 && size < too_deep.len()),
                 "{label}: {:?}",
                 out[1]
             );
@@ -350,8 +405,8 @@ fn the_default_max_depth_is_64() {
     assert_eq!(out.len(), 2);
     assert!(ok_response(&out[0], 1));
     assert!(
-        matches!(out[1], Output::Response { result: Err(CommandError::ResponseTooDeep { size }), .. }
-        if size == too_deep.len())
+        matches!(out[1], Output::Response { id, result: Err(CommandError::ResponseTooDeep { size }) }
+        if id.get() == 2 && size == too_deep.find("[".repeat(64).as_str()).unwrap() + 64)
     );
 }
 
@@ -808,37 +863,29 @@ fn the_smallest_workable_limits_still_carry_a_whole_session() {
 }
 
 #[test]
-fn a_greeting_beyond_the_limits_is_skipped_and_the_handshake_never_finishes() {
+fn a_greeting_beyond_the_limits_is_a_bad_greeting() {
     // The builder accepts limits below what a QEMU greeting needs (depth 4, ~100 bytes): the
-    // greeting is then skipped like any other message and the connection waits for another.
+    // greeting is then not one, said at once (where the limit is passed).
     for (config, kind) in [
         (
             Config::builder().max_depth(3).build().unwrap(),
-            MalformedKind::TooDeep {
-                size: GREETING_10.len(),
-            },
+            "nesting limit",
         ),
         (
             Config::builder().max_message_size(64).build().unwrap(),
-            MalformedKind::TooLarge {
-                size: GREETING_10.len(),
-            },
+            "size limit",
         ),
     ] {
         for chunking in CHUNKINGS {
             let mut conn = qmp_proto::Connection::new(config.clone());
             let out = feed(&mut conn, GREETING_10.as_bytes(), chunking);
-            assert_eq!(out.len(), 1);
-            assert!(malformed(kind.clone())(&out[0]), "{out:?}");
-            assert_eq!(conn.state(), qmp_proto::State::AwaitingGreeting);
+            assert!(
+                matches!(&out[..], [Output::Closed(CloseReason::Protocol(
+                    ProtocolError::BadGreeting(e)
+                ))] if e.as_str().contains(kind)),
+                "{out:?}"
+            );
             assert!(conn.poll_transmit().is_none());
-            conn.handle_eof();
-            assert!(matches!(
-                drain(&mut conn)[..],
-                [Output::Closed(qmp_proto::CloseReason::Protocol(
-                    qmp_proto::ProtocolError::EofDuringHandshake
-                ))]
-            ));
         }
     }
 }

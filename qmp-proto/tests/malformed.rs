@@ -286,19 +286,61 @@ fn objects_that_are_not_qmp_messages_are_unclassifiable() {
     for bad in [
         r#"{}"#,
         r#"{"foo": 1}"#,
-        r#"{"id": 1}"#,
+        r#"{"id": 7}"#,
         r#"{"data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}"#,
         r#"{"event": 5}"#,
         r#"{"event": null}"#,
         r#"{"event": ["SHUTDOWN"]}"#,
         r#"{"event": {"name": "SHUTDOWN"}}"#,
-        r#"{"Return": {}, "id": 1}"#,
-        r#"{"return ": {}, "id": 1}"#,
+        // An id no request holds.
+        r#"{"Return": {}, "id": 7}"#,
+        r#"{"return ": {}, "id": 7}"#,
     ] {
         let m = one_malformed(bad.as_bytes());
         assert_eq!(m.kind, MalformedKind::Unclassifiable, "{bad}");
         assert_eq!(m.excerpt.as_str(), bad);
     }
+}
+
+#[test]
+fn a_reply_with_our_id_but_neither_return_nor_error_fails_its_call_at_once() {
+    for bad in [
+        r#"{"id": 1}"#,
+        r#"{"Return": {}, "id": 1}"#,
+        r#"{"return ": {}, "id": 1}"#,
+        r#"{"id": 1, "status": "running"}"#,
+        r#"{"data": {}, "id": 1}"#,
+    ] {
+        let out = same_under_every_chunking(|chunking| {
+            let mut pair = Pair::ready(Config::default(), FakeQemu::default(), chunking);
+            let id = pair.execute("query-status");
+            let next = pair.execute("query-status");
+            pair.drive();
+            let _ = pair.server.next_command().unwrap();
+            let second = pair.server.next_command().unwrap();
+            pair.server.send_raw(bad.as_bytes());
+            pair.server.send_raw(b"\r\n");
+            pair.drive();
+            let out = pair.take_outputs();
+            // The call whose id it carries fails now, naming what arrived; the session goes on.
+            assert!(
+                matches!(&out[..], [Output::Response { id: got, result: Err(CommandError::NotAReply(e)) }]
+                    if *got == id && e.as_str() == bad),
+                "{bad}: {out:?}"
+            );
+            assert!(!pair.client.is_closed());
+            pair.server.reply(&second, json!({}));
+            pair.drive();
+            let out = pair.take_outputs();
+            assert!(
+                matches!(&out[..], [Output::Response { id: got, result: Ok(_) }] if *got == next)
+            );
+            out
+        });
+        assert_eq!(out.len(), 1);
+    }
+    let e = CommandError::NotAReply(Excerpt::default()).to_string();
+    assert!(e.contains("neither `return` nor `error`"), "{e}");
 }
 
 // --- Odd responses -------------------------------------------------------------------------------
