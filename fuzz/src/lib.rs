@@ -311,8 +311,10 @@ mod tests {
             );
             assert_eq!(s.events, 9, "{name}: {s:?}");
         }
+        // The cascade's first error fails the command in flight (its write caused it); the rest,
+        // and the reply meant for it, answer nothing.
         let s = conn::run_bytes(&read("connection_bytes", "idless-cascade")).expect("a header");
-        assert_eq!(count(&s, "ok"), 1, "{s:?}");
+        assert_eq!((count(&s, "ok"), count(&s, "qmp")), (0, 1), "{s:?}");
 
         let s = ops::run_ops(&read("connection_ops", "session")).expect("a header");
         assert_eq!(

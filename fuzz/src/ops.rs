@@ -126,6 +126,9 @@ struct Server {
     /// reply to any in-band request (the client takes the oldest), and an event may look like
     /// one until it ends.
     crossings: Vec<Expect>,
+    /// The id-less errors sent: each fails the oldest in-band request in flight, unless it
+    /// continues a cascade (see the core's rule).
+    idless: Vec<Expect>,
     /// No junk that opens a value (which swallows later messages) was sent.
     framing_safe: bool,
 }
@@ -348,6 +351,7 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
         replies: BTreeMap::new(),
         events: Vec::new(),
         crossings: Vec::new(),
+        idless: Vec::new(),
         framing_safe: true,
     };
     let base = Instant::now();
@@ -525,6 +529,10 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
             Op::IdlessError { pretty } => {
                 let text = br#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#;
                 server.send(text, pretty);
+                server.idless.push(Expect::Error {
+                    class: "GenericError".into(),
+                    desc: "JSON parse error, expecting value".into(),
+                });
             }
             Op::Event { which, pretty } => {
                 let (text, real) = EVENTS[usize::from(which) % EVENTS.len()];
@@ -538,6 +546,22 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
             Op::Junk { which } => {
                 let (bytes, safe) = JUNK[usize::from(which) % JUNK.len()];
                 server.out.extend_from_slice(bytes);
+                // An id-less error among the junk answers a request like any other.
+                if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(bytes)
+                    && let (Some(error), None) = (m.get("error"), m.get("id"))
+                {
+                    let field = |k: &str| error[k].as_str().unwrap_or_default().to_owned();
+                    server.idless.push(match error {
+                        Value::Object(_) => Expect::Error {
+                            class: field("class"),
+                            desc: field("desc"),
+                        },
+                        other => Expect::Error {
+                            class: String::new(),
+                            desc: other.to_string(),
+                        },
+                    });
+                }
                 server.framing_safe &= safe;
             }
             Op::Deliver { max, force } => {
@@ -670,8 +694,9 @@ fn check_against_server(t: &Tracker, server: &Server) {
             }
             Err(_) => continue,
         };
-        // Failed where a message passed a limit: its own reply, or one it was taken for.
-        if server.crossings.contains(&got) {
+        // Failed where a message passed a limit (its own reply, or one it was taken for), or by
+        // an id-less error.
+        if server.crossings.contains(&got) || server.idless.contains(&got) {
             continue;
         }
         let (want, end) = first.unwrap_or_else(|| panic!("request {id}: {got:?} without a reply"));

@@ -169,6 +169,9 @@ struct Session {
     in_band_in_flight: usize,
     /// Entries of `pending` that are abandoned.
     abandoned: usize,
+    /// An id-less error failed a request since the last in-band reply with an id: further
+    /// id-less errors belong to the same cascade (see [`Session::idless_error`]).
+    cascade: bool,
     transmit: TransmitBuf,
     outputs: VecDeque<Output>,
     /// Processing stopped because `outputs` was full.
@@ -249,6 +252,7 @@ impl Connection {
                 deadlines: BTreeSet::new(),
                 in_band_in_flight: 0,
                 abandoned: 0,
+                cascade: false,
                 transmit: TransmitBuf::default(),
                 outputs: VecDeque::new(),
                 paused: false,
@@ -837,7 +841,16 @@ impl Session {
             };
         }
         let id = match m.id {
-            Some(_) => self.answered_by(Some(m.numeric_id())),
+            Some(_) => {
+                let id = self.answered_by(Some(m.numeric_id()));
+                // An in-band reply with an id: whatever cascade was under way is over.
+                if self.cascade && id.is_some_and(|id| self.pending.get(id).is_some_and(|e| !e.oob))
+                {
+                    self.cascade = false;
+                }
+                id
+            }
+            None if self.agent.is_none() && result.is_err() => self.idless_error(),
             None => self.answered_by(None),
         };
         match id {
@@ -868,6 +881,31 @@ impl Session {
                 .map(|(id, _)| id),
             None => None,
         }
+    }
+
+    /// The request an id-less error answers on QMP. QEMU sends one when it could not parse what it
+    /// read (too large, too deep, too many tokens, not an object), queued in order with its
+    /// in-band replies; and as its parser resets and lexes the rest of that input afresh, one bad
+    /// input can earn a long cascade of them. So the first id-less error fails the oldest written
+    /// and unanswered in-band request (the oldest out-of-band one if none is in band: QEMU could
+    /// not have told it was out of band), and further ones before an in-band reply with an id
+    /// belong to the same cascade and answer nothing. (Two bad inputs in a row, with no reply
+    /// between them, count as one cascade: the second request waits for its deadline.)
+    fn idless_error(&mut self) -> Option<u64> {
+        if self.cascade || self.state != State::Ready {
+            return None;
+        }
+        let written = || {
+            self.pending
+                .iter()
+                .filter(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
+        };
+        let target = written()
+            .find(|(_, e)| !e.oob)
+            .or_else(|| written().next())
+            .map(|(id, _)| id);
+        self.cascade = target.is_some();
+        target
     }
 
     /// Whether `id` was written and awaits a response (abandoned requests included). A response to
