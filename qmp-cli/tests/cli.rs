@@ -150,6 +150,24 @@ fn missing_socket_is_exit_2() {
     assert!(stderr(&out).contains("cannot connect"), "{}", stderr(&out));
 }
 
+/// QEMU killed under `qmp wait` is reported as the server closing the connection.
+#[test]
+fn wait_says_the_server_closed_when_qemu_is_killed() {
+    let mut qsd = Qsd::start();
+    let (child, mut err) = spawn_subscribed(&["-s", sock(&qsd), "wait", "NEVER_SENT"]);
+    qsd.kill();
+    let (code, _) = finish(child, Duration::from_secs(30));
+    assert_eq!(code, Some(2));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).expect("read stderr");
+    assert!(
+        rest.contains(
+            "the connection closed before NEVER_SENT arrived: the server closed the connection"
+        ),
+        "{rest}"
+    );
+}
+
 #[test]
 fn wait_for_server_connects_to_a_qemu_started_after_it() {
     let dir = tempfile::tempdir().expect("temp dir");

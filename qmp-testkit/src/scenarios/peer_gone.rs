@@ -1,4 +1,123 @@
-//! Conformance scenarios: peer_gone.
+//! Conformance scenarios: the peer going away (QEMU killed, a disconnect).
 
 #[allow(unused_imports)]
 use super::*;
+
+use std::io::{self, Write as _};
+use std::time::Instant;
+
+/// How long a promptness check waits before failing: far more than any answer needs, so a slow
+/// machine does not fail it; the assertion on the time taken is separate and generous.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// What "at once" means where promptness is the point: well above scheduling noise on a loaded
+/// machine, well below any deadline or retry in play.
+const PROMPTLY: Duration = Duration::from_secs(3);
+
+#[track_caller]
+fn assert_peer_closed(d: &Disconnect, what: &str) {
+    assert!(
+        matches!(d, Disconnect::PeerClosed { .. }),
+        "{what}: {d:?} is not PeerClosed"
+    );
+}
+
+/// SIGKILL of a real qemu-storage-daemon is `PeerClosed` however it finds the client: with
+/// nothing in flight (the client reads EOF), with commands written and unread (the kernel resets
+/// the connection), and with commands sent just as it dies (a write may hit the dead socket).
+/// Every call that was waiting and every later call report the same; repeated, since which of
+/// these the kernel reports depends on timing.
+pub async fn qemu_killed_is_peer_closed(a: &'static dyn Adapter) {
+    for round in 0..3 {
+        // Nothing in flight.
+        let mut qsd = Qsd::start();
+        let client = a
+            .connect(qsd.socket().into(), Options::new())
+            .await
+            .expect("connect");
+        client.execute("query-version", ()).await.expect("answer");
+        qsd.kill();
+        let started = Instant::now();
+        let reason = timeout(a, PATIENCE, client.closed()).await.expect("closed");
+        assert!(started.elapsed() < PROMPTLY, "round {round}: idle");
+        assert_peer_closed(&reason, &format!("round {round}: idle"));
+        match client.execute("query-version", ()).await {
+            Err(Error::Disconnected(d)) => assert_peer_closed(&d, "a call after the end"),
+            other => panic!("round {round}: a call after the end: {other:?}"),
+        }
+
+        // Commands written and unread: stopped, the daemon takes them into its socket only.
+        let mut qsd = Qsd::start();
+        let client = a
+            .connect(qsd.socket().into(), Options::new())
+            .await
+            .expect("connect");
+        qsd.pause();
+        let calls = join_all((0..50).map(|_| client.execute("query-named-block-nodes", ())));
+        let kill = async {
+            a.sleep(Duration::from_millis(200)).await;
+            qsd.kill();
+        };
+        let (results, ()) = futures_util::join!(calls, kill);
+        for r in results {
+            match r {
+                Err(Error::Disconnected(d)) => assert_peer_closed(&d, "a call in flight"),
+                other => panic!("round {round}: a call in flight: {other:?}"),
+            }
+        }
+        let reason = timeout(a, PATIENCE, client.closed()).await.expect("closed");
+        assert_peer_closed(&reason, &format!("round {round}: in flight"));
+
+        // Commands sent as it dies.
+        let mut qsd = Qsd::start();
+        let client = a
+            .connect(qsd.socket().into(), Options::new())
+            .await
+            .expect("connect");
+        qsd.kill();
+        let results = join_all((0..20).map(|_| client.execute("query-version", ()))).await;
+        for r in results {
+            match r {
+                // Answered before the daemon died.
+                Ok(_) => {}
+                Err(Error::Disconnected(d)) => assert_peer_closed(&d, "a call as it dies"),
+                other => panic!("round {round}: a call as it dies: {other:?}"),
+            }
+        }
+        let reason = timeout(a, PATIENCE, client.closed()).await.expect("closed");
+        assert_peer_closed(&reason, &format!("round {round}: as it dies"));
+    }
+}
+
+/// When `disconnect().await` returns, the socket is closed, not only shut down for writing: the
+/// server, writing right then, finds nobody there (`EPIPE`). Repeated, as the socket used to be
+/// closed a moment after `disconnect` returned, when the connection's task was dropped.
+pub async fn fake_disconnect_returns_once_the_socket_is_closed(a: &'static dyn Adapter) {
+    for round in 0..20 {
+        let (returned, wait) = mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        let (tx, written) = mpsc::channel::<io::Result<usize>>();
+        let server = FakeServer::start(move |c| {
+            c.handshake();
+            let q = c.expect("query-version");
+            c.reply(&q.command, json!({}));
+            let _ = wait.lock().expect("wait").recv_timeout(PATIENCE);
+            let _ = tx.send(c.stream().write(b"{\"return\": {}}\r\n"));
+        });
+        let client = connect(a, &server).await;
+        client.execute("query-version", ()).await.expect("answer");
+        let started = Instant::now();
+        timeout(a, PATIENCE, client.disconnect())
+            .await
+            .expect("disconnect returns");
+        assert!(started.elapsed() < PROMPTLY, "round {round}");
+        returned.send(()).expect("the server waits");
+        let written = recv(a, written).await;
+        assert!(
+            matches!(&written, Err(e) if e.kind() == io::ErrorKind::BrokenPipe),
+            "round {round}: the server wrote to a socket still open after disconnect: {written:?}"
+        );
+        assert!(matches!(client.closed().await, Disconnect::Local));
+        server.check();
+    }
+}
