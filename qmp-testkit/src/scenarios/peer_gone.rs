@@ -1,4 +1,5 @@
-//! Conformance scenarios: the peer going away (QEMU killed, a disconnect).
+//! Conformance scenarios: the peer going away (QEMU killed, a disconnect), and nothing listening
+//! or not a socket at the address.
 
 #[allow(unused_imports)]
 use super::*;
@@ -120,4 +121,63 @@ pub async fn fake_disconnect_returns_once_the_socket_is_closed(a: &'static dyn A
         assert!(matches!(client.closed().await, Disconnect::Local));
         server.check();
     }
+}
+
+/// Connecting to a path that is a regular file, a directory or a socket nobody listens on
+/// (QEMU gone, its socket file left behind) says which, instead of the system's "Connection
+/// refused" for all three; the error keeps its kind (`ConnectionRefused`) and the system's error
+/// as its source. With [`Options::wait_for_server`] a refused connect is still retried until the
+/// deadline, which then reports the same.
+pub async fn connect_errors_say_what_is_at_the_path(a: &'static dyn Adapter) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("file.qmp");
+    std::fs::write(&file, b"not a socket").expect("a file");
+    let directory = dir.path().join("dir.qmp");
+    std::fs::create_dir(&directory).expect("a dir");
+    let stale = dir.path().join("stale.qmp");
+    // A listener dropped leaves its socket file behind, as a QEMU killed does.
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    let cases = [
+        (&file, "is not a socket: it is a regular file"),
+        (&directory, "is not a socket: it is a directory"),
+        (&stale, "nothing is listening on"),
+    ];
+    for wait in [false, true] {
+        for (path, says) in &cases {
+            let options = Options::new()
+                .wait_for_server(wait)
+                .connect_timeout(Duration::from_millis(300));
+            let started = Instant::now();
+            let err = timeout(a, PATIENCE, a.connect(path.as_path().into(), options))
+                .await
+                .expect("an answer")
+                .expect_err("not a QMP server");
+            assert!(started.elapsed() < PROMPTLY, "{}", path.display());
+            let Error::Io(e) = &err else {
+                panic!("{}, wait {wait}: {err:?}", path.display())
+            };
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+            let message = e.to_string();
+            assert!(
+                message.contains(says) && message.contains(&*path.to_string_lossy()),
+                "{}, wait {wait}: {message}",
+                path.display()
+            );
+            let source = std::error::Error::source(e).expect("the system's error as the source");
+            let os = source
+                .downcast_ref::<io::Error>()
+                .expect("an io::Error source");
+            assert_eq!(os.kind(), io::ErrorKind::ConnectionRefused);
+            assert_eq!(os.raw_os_error(), Some(111), "ECONNREFUSED");
+        }
+    }
+    // And a path with nothing there stays as it was.
+    let err = a
+        .connect(dir.path().join("absent.qmp").into(), Options::new())
+        .await
+        .expect_err("nothing there");
+    assert!(
+        matches!(&err, Error::Io(e) if e.kind() == io::ErrorKind::NotFound),
+        "{err:?}"
+    );
 }
