@@ -1593,7 +1593,7 @@ macro_rules! conformance {
         // Events: none lost after connect, bounded backpressure (scenarios/events.rs).
         $crate::conformance!(@tests $adapter; );
         // The peer going away, connect errors (scenarios/peer_gone.rs).
-        $crate::conformance!(@tests $adapter; qemu_killed_is_peer_closed, fake_disconnect_returns_once_the_socket_is_closed, connect_errors_say_what_is_at_the_path);
+        $crate::conformance!(@tests $adapter; qemu_killed_is_peer_closed, fake_disconnect_returns_once_the_socket_is_closed, connect_errors_say_what_is_at_the_path, fake_numbers_round_trip_exactly);
         // Greetings, id-less errors, bad replies, limits, wire ids (scenarios/protocol_rules.rs).
         $crate::conformance!(@tests $adapter; );
     };

@@ -1,5 +1,5 @@
-//! Conformance scenarios: the peer going away (QEMU killed, a disconnect), and nothing listening
-//! or not a socket at the address.
+//! Conformance scenarios: the peer going away (QEMU killed, a disconnect), nothing listening or
+//! not a socket at the address, and numbers coming back exactly as QEMU sent them.
 
 #[allow(unused_imports)]
 use super::*;
@@ -180,4 +180,82 @@ pub async fn connect_errors_say_what_is_at_the_path(a: &'static dyn Adapter) {
         matches!(&err, Error::Io(e) if e.kind() == io::ErrorKind::NotFound),
         "{err:?}"
     );
+}
+
+/// Numbers come back exactly as QEMU wrote them: the closest `f64` to each decimal text, through
+/// `execute` (a `Value`), `execute_as` (typed) and `call` (the text). Without serde_json's
+/// `float_roundtrip`, `1.5e-300` came back as `1.4999999999999998e-300`.
+pub async fn fake_numbers_round_trip_exactly(a: &'static dyn Adapter) {
+    const NUMBERS: &[&str] = &[
+        "1.5e-300",
+        "2.2250738585072014e-308",
+        "2.2250738585072011e-308",
+        "0.1",
+        "1e300",
+        "5e-324",
+        "2.4703282292062328e-324",
+        "1.7976931348623157e308",
+        "1e23",
+        "8.41e21",
+        "0.30000000000000004",
+        "7.2057594037927933e16",
+        "-4.9406564584124654e-324",
+        "123456789012345678901234567890e-40",
+    ];
+    let text = format!("[{}]", NUMBERS.join(", "));
+    let reply = text.clone();
+    let server = FakeServer::start(move |c| {
+        c.handshake();
+        while let Some(r) = c.recv() {
+            let id = &r.command["id"];
+            c.send_raw(format!("{{\"return\": {{\"n\": {reply}}}, \"id\": {id}}}\r\n").as_bytes());
+        }
+    });
+    let want: Vec<f64> = NUMBERS
+        .iter()
+        .map(|n| n.parse().expect("std parses exactly"))
+        .collect();
+    let client = connect(a, &server).await;
+
+    let value = client.execute("x-numbers", ()).await.expect("execute");
+    let got: Vec<f64> = value["n"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|v| v.as_f64().expect("a number"))
+        .collect();
+    for ((text, want), got) in NUMBERS.iter().zip(&want).zip(&got) {
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "execute: {text} came back as {got:e}"
+        );
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Numbers {
+        n: Vec<f64>,
+    }
+    let typed: Numbers = client
+        .execute_as("x-numbers", ())
+        .await
+        .expect("execute_as");
+    for ((text, want), got) in NUMBERS.iter().zip(&want).zip(&typed.n) {
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "execute_as: {text} came back as {got:e}"
+        );
+    }
+
+    let raw = client
+        .call(qmp_client::Command::new("x-numbers"))
+        .await
+        .expect("call");
+    assert_eq!(
+        raw.get(),
+        format!("{{\"n\": {text}}}"),
+        "call keeps the text"
+    );
+    server.check();
 }
