@@ -310,6 +310,23 @@ impl Transport for PollTransport {
     }
 }
 
+impl Drop for PollTransport {
+    /// The task is ending (it is dropped as the connection's task returns, while its thread still
+    /// polls it): `disconnect` returns once it is gone, and by then the connection's descriptors
+    /// must be closed, not a moment later when the thread gets round to it. The poller holds a
+    /// duplicate of the socket's: released here, it closes at once unless a thread is waiting on
+    /// it (a call leading, about to find its reply will never come), which drops it as it wakes.
+    /// Shutting both directions down first makes the socket look closed to the peer even then.
+    fn drop(&mut self) {
+        let _ = match &self.io {
+            Io::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Io::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Io::Other(_) => Ok(()),
+        };
+        self.shared.release_descriptors();
+    }
+}
+
 pub(crate) struct PollTimer {
     shared: Arc<Shared>,
 }
@@ -345,16 +362,16 @@ impl Runtime for PollRuntime {
         else {
             return; // One connection, one task: nothing else is ever spawned here.
         };
-        let Some(poller) = shared.poller() else {
+        if shared.poller().is_none() {
             return;
-        };
+        }
         *shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(future);
         // If no thread can be had the task is dropped, and `connect` reports the connection
         // closed.
         let spawned = thread::Builder::new().name("qmp-connection".into()).spawn({
             let shared = Arc::clone(&shared);
             move || {
-                run(&shared, &poller);
+                run(&shared);
                 shared.ended();
             }
         });
@@ -485,6 +502,13 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        self.release_descriptors();
+    }
+
+    /// Drops the descriptors kept here: the poller (and its duplicate of the socket's; threads
+    /// waiting on it keep it until they wake) and the wake pipes' write ends, whose closing wakes
+    /// any thread still waiting on their read ends.
+    fn release_descriptors(&self) {
         self.poller
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -602,8 +626,11 @@ enum Polled {
     Ended,
 }
 
-/// Runs a connection's task to completion on this thread.
-fn run(shared: &Arc<Shared>, poller: &Poller) {
+/// Runs a connection's task to completion on this thread. It holds the poller (and its duplicate
+/// of the socket's descriptor) only while it waits, not while it polls the task: the transport,
+/// dropped when the task ends, drops the poller then, and the descriptor closes at once (see
+/// `PollTransport`'s `Drop`).
+fn run(shared: &Arc<Shared>) {
     loop {
         let waits_on = {
             let mut task = shared.task.lock().unwrap_or_else(PoisonError::into_inner);
@@ -611,6 +638,9 @@ fn run(shared: &Arc<Shared>, poller: &Poller) {
                 return;
             };
             waits_on
+        };
+        let Some(poller) = shared.poller() else {
+            return;
         };
         if shared.leader.load(Ordering::SeqCst) {
             // What that poll changed (a command written, a deadline set, new interest) is the
@@ -622,7 +652,7 @@ fn run(shared: &Arc<Shared>, poller: &Poller) {
             poller.wait(shared, Some((read, write)), deadline, false);
             continue;
         }
-        watch_leads(shared, poller);
+        watch_leads(shared, &poller);
     }
 }
 

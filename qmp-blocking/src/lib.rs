@@ -459,7 +459,8 @@ impl Client {
     }
 
     /// Closes the connection: queued bytes are written, waiting calls fail with
-    /// [`Disconnect::Local`], subscriptions end.
+    /// [`Disconnect::Local`], subscriptions end. Returns once the socket is closed, its
+    /// descriptors too.
     pub fn disconnect(&self) {
         block_on(self.inner.disconnect());
     }
@@ -626,7 +627,7 @@ impl GuestAgent {
         block_on(self.inner.closed())
     }
 
-    /// Closes the connection.
+    /// Closes the connection; returns once the socket is closed.
     pub fn disconnect(&self) {
         block_on(self.inner.disconnect());
     }

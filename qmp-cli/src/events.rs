@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use clap::Parser;
-use qmp_tokio::{Event, EventFilter, Lagged};
+use qmp_tokio::{Client, Event, EventFilter, Lagged, State};
 use serde_json::{Value, json};
 
 use crate::peer::Session;
@@ -129,7 +129,10 @@ pub(crate) async fn run_events(session: &Session, a: &EventsArgs, verbose: bool)
                 }
                 None => {
                     if limit.is_some() {
-                        warn!("qmp: the connection closed after {seen} events");
+                        warn!(
+                            "qmp: the connection closed after {seen} events{}",
+                            why_closed(client)
+                        );
                         return EXIT_CONNECTION;
                     }
                     return 0;
@@ -137,6 +140,15 @@ pub(crate) async fn run_events(session: &Session, a: &EventsArgs, verbose: bool)
             },
             _ = &mut ctrl_c => return EXIT_INTERRUPTED,
         }
+    }
+}
+
+/// Why the connection closed, as a suffix for a message (": the server closed the connection
+/// (QEMU exited or was killed)"); empty while it is open.
+fn why_closed(client: &Client) -> String {
+    match client.state() {
+        State::Closed(reason) => format!(": {reason}"),
+        _ => String::new(),
     }
 }
 
@@ -171,7 +183,11 @@ pub(crate) async fn run_wait(
                     warn!("qmp: missed {missed} events (the wanted one may be among them)");
                 }
                 None => {
-                    warn!("qmp: the connection closed before {} arrived", a.event);
+                    warn!(
+                        "qmp: the connection closed before {} arrived{}",
+                        a.event,
+                        why_closed(client)
+                    );
                     return EXIT_CONNECTION;
                 }
             }

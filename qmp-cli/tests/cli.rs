@@ -150,6 +150,49 @@ fn missing_socket_is_exit_2() {
     assert!(stderr(&out).contains("cannot connect"), "{}", stderr(&out));
 }
 
+/// A path that is not a QMP socket says what it is instead of "Connection refused": a regular
+/// file, a directory, a socket file nobody listens on (QEMU gone). Exit code 2 all the same.
+#[test]
+fn a_path_that_is_not_a_listening_socket_says_what_it_is() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("vm1.img");
+    std::fs::write(&file, b"not a socket").expect("a file");
+    let stale = dir.path().join("stale.qmp");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    for (path, says) in [
+        (file.as_path(), "is not a socket: it is a regular file"),
+        (dir.path(), "is not a socket: it is a directory"),
+        (stale.as_path(), "nothing is listening on"),
+    ] {
+        let out = run(&["-s", path.to_str().expect("utf-8"), "query-version"]);
+        assert_code(&out, 2);
+        let err = stderr(&out);
+        assert!(
+            err.contains(says) && err.contains(path.to_str().expect("utf-8")),
+            "{err}"
+        );
+        assert!(!err.contains("Connection refused"), "{err}");
+    }
+}
+
+/// QEMU killed under `qmp wait` is reported as the server closing the connection.
+#[test]
+fn wait_says_the_server_closed_when_qemu_is_killed() {
+    let mut qsd = Qsd::start();
+    let (child, mut err) = spawn_subscribed(&["-s", sock(&qsd), "wait", "NEVER_SENT"]);
+    qsd.kill();
+    let (code, _) = finish(child, Duration::from_secs(30));
+    assert_eq!(code, Some(2));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).expect("read stderr");
+    assert!(
+        rest.contains(
+            "the connection closed before NEVER_SENT arrived: the server closed the connection"
+        ),
+        "{rest}"
+    );
+}
+
 #[test]
 fn wait_for_server_connects_to_a_qemu_started_after_it() {
     let dir = tempfile::tempdir().expect("temp dir");

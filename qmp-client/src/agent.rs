@@ -213,7 +213,7 @@ impl GuestAgent {
     }
 
     /// Closes the connection: queued bytes are written, waiting calls fail with
-    /// [`Disconnect::Local`]. Note that qemu-ga can exit when a client leaves while a reply is
+    /// [`Disconnect::Local`]; returns once the socket is closed. Note that qemu-ga can exit when a client leaves while a reply is
     /// still pending, so let calls finish first where you can.
     pub async fn disconnect(&self) {
         self.client.disconnect().await;

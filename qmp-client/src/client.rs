@@ -210,6 +210,8 @@ pub(crate) struct Shared {
     can_pass_fds: bool,
     event_buffer: usize,
     closed: Mutex<(Option<Disconnect>, Vec<Waker>)>,
+    /// The driver is gone, and the transport (the socket) with it; who waits for that.
+    released: Mutex<(bool, Vec<Waker>)>,
     commands: Mutex<Option<Arc<BTreeSet<String>>>>,
 }
 
@@ -237,6 +239,31 @@ impl Shared {
 
     pub(crate) fn disconnect_reason(&self) -> Disconnect {
         self.closed_reason().unwrap_or(Disconnect::Local)
+    }
+
+    /// Called when the driver, and the transport with it, has been dropped.
+    pub(crate) fn set_released(&self) {
+        let wakers = {
+            let mut released = self.released.lock().unwrap_or_else(PoisonError::into_inner);
+            released.0 = true;
+            std::mem::take(&mut released.1)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Completes once the driver, and the transport with it, has been dropped.
+    async fn released(&self) {
+        std::future::poll_fn(|cx| {
+            let mut released = self.released.lock().unwrap_or_else(PoisonError::into_inner);
+            if released.0 {
+                return Poll::Ready(());
+            }
+            if !released.1.iter().any(|w| w.will_wake(cx.waker())) {
+                released.1.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await;
     }
 }
 
@@ -323,6 +350,7 @@ impl Client {
             can_pass_fds: io.can_pass_fds(),
             event_buffer: options.event_buffer,
             closed: Mutex::new((None, Vec::new())),
+            released: Mutex::new((false, Vec::new())),
             commands: Mutex::new(None),
         });
         let span = match &options.name {
@@ -604,11 +632,16 @@ impl Client {
     /// Closes the connection: bytes already handed to the transport are written, the socket is
     /// shut down, calls still waiting (including ones held back for an OOB window slot) fail with
     /// [`Disconnect::Local`], and subscriptions end. Every handle sees the connection closed.
+    /// Returns once the socket is closed (its descriptor too), so the peer has seen the client
+    /// leave: a QEMU monitor, which serves one client at a time, is free for the next.
     pub async fn disconnect(&self) {
         let (done, wait) = oneshot::channel();
         if self.shared.calls.request(Request::Close { done }) {
             let _ = wait.await;
         }
+        // The driver announces the end before it is dropped, and the socket only closes with
+        // it; that holds for a connection already closed by the peer too.
+        self.shared.released().await;
     }
 }
 

@@ -151,6 +151,18 @@ pub(crate) struct Driver<T, S> {
     /// `finish` ran: the close was announced to everyone.
     finished: bool,
     close_done: Vec<oneshot::Sender<()>>,
+    /// Last, so that it is dropped after `io`: tells `disconnect` the socket is closed.
+    _released: Released,
+}
+
+/// Tells [`Shared`] when the driver has been dropped, and with it the transport: fields are
+/// dropped in order, and this is the driver's last.
+struct Released(Arc<Shared>);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        self.0.set_released();
+    }
 }
 
 impl<T: Transport, S: Timer> Driver<T, S> {
@@ -165,6 +177,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             conn,
             io,
             timer,
+            _released: Released(Arc::clone(&shared)),
             shared,
             requests: Vec::new(),
             behind_close: Vec::new(),
@@ -416,7 +429,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     /// Why the connection closed, as far as it has.
     fn reason(&self) -> Disconnect {
         match (&self.io_error, self.conn.close_reason()) {
-            (Some(e), _) => Disconnect::Io(Arc::clone(e)),
+            (Some(e), _) => Disconnect::from_io(Arc::clone(e)),
             (None, Some(reason)) => reason.clone().into(),
             (None, None) => Disconnect::Local,
         }

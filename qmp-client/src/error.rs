@@ -39,7 +39,8 @@ pub enum Error {
          (is another client connected to it?), and a guest agent never greets"
     )]
     NoGreeting,
-    /// The connection is closed, or closed before the response arrived.
+    /// The connection is closed, or closed before the response arrived; the [`Disconnect`] says
+    /// why (QEMU gone is [`Disconnect::PeerClosed`]).
     #[error("disconnected: {0}")]
     Disconnected(Disconnect),
     /// The server broke the protocol during the handshake (not a QMP monitor? a guest agent
@@ -84,22 +85,62 @@ pub enum Error {
 }
 
 /// Why a connection ended.
+///
+/// ```
+/// # use qmp_client::Disconnect;
+/// fn describe(d: &Disconnect) -> &'static str {
+///     match d {
+///         Disconnect::PeerClosed { .. } => "QEMU went away",
+///         Disconnect::Local => "we closed it",
+///         Disconnect::Protocol(_) => "not QMP",
+///         _ => "the socket failed",
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Disconnect {
-    /// The server closed the connection (QEMU exited or was killed, or `quit`).
-    #[error("the server closed the connection")]
-    PeerClosed,
+    /// The server went away: QEMU exited (`quit`, a guest shutdown), crashed or was killed, or
+    /// the socket was closed on its side. However the system reported it, this is the one
+    /// variant: end of stream (`source` is `None`), or an error that only a peer gone can cause,
+    /// kept as `source`: `ConnectionReset` (it died with our commands unread), `BrokenPipe` (a
+    /// write hit the dead socket) or `ConnectionAborted`. Reconnect once QEMU is back, if it is
+    /// coming back.
+    #[error("the server closed the connection (QEMU exited or was killed)")]
+    #[non_exhaustive]
+    PeerClosed {
+        /// The system's error, when the end showed as one rather than as end of stream (shared:
+        /// a `Disconnect` is `Clone`; the error chain holds this `Arc<io::Error>`).
+        #[source]
+        source: Option<Arc<io::Error>>,
+    },
     /// This side closed it: [`Client::disconnect`](crate::Client::disconnect), or the last handle
     /// was dropped.
     #[error("the connection was closed locally")]
     Local,
-    /// The server broke the protocol.
+    /// The server broke the protocol: it is not a QMP server, or not the kind connected to (a
+    /// guest agent's socket given to a QMP client, or the other way round).
     #[error(transparent)]
     Protocol(ProtocolError),
-    /// Reading or writing the socket failed.
+    /// Reading or writing the socket failed in a way that does not mean the peer went away
+    /// (those are [`PeerClosed`](Self::PeerClosed)): the system's error says what happened.
+    /// Also the error when the connection's task ended without closing it (its runtime shut
+    /// down).
     #[error("I/O error: {0}")]
     Io(Arc<io::Error>),
+}
+
+impl Disconnect {
+    /// The reason for a connection that failed with `e`: [`PeerClosed`](Self::PeerClosed) for
+    /// the errors that mean the peer is gone, [`Io`](Self::Io) for the rest.
+    pub(crate) fn from_io(e: Arc<io::Error>) -> Self {
+        use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        if matches!(e.kind(), ConnectionReset | BrokenPipe | ConnectionAborted) {
+            Self::PeerClosed { source: Some(e) }
+        } else {
+            Self::Io(e)
+        }
+    }
 }
 
 impl From<CloseReason> for Disconnect {
@@ -108,7 +149,7 @@ impl From<CloseReason> for Disconnect {
             CloseReason::Protocol(p) => Self::Protocol(p),
             CloseReason::Local => Self::Local,
             // `CloseReason` is non-exhaustive; anything new is the peer's doing.
-            _ => Self::PeerClosed,
+            _ => Self::PeerClosed { source: None },
         }
     }
 }

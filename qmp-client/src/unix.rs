@@ -300,8 +300,30 @@ impl Address {
     /// `e`, from connecting to this address, with the address in its message ("cannot connect to
     /// unix:/run/vm1.qmp: No such file or directory"). Its kind is kept and `e` is its source, so
     /// `ErrorKind::NotFound` and the like still match. For adapters.
+    ///
+    /// The system says "Connection refused" alike for a unix socket path that is a regular file,
+    /// a directory, or a socket nobody listens on (QEMU gone, its socket file left behind); the
+    /// message then says which ("cannot connect to unix:/tmp/vm1: /tmp/vm1 is not a socket: it
+    /// is a regular file"), and `e` stays its source.
     pub fn connect_error(&self, e: io::Error) -> io::Error {
-        self.context("connect to", e)
+        let refused = match self {
+            Self::Unix(path) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                Refused::at(path).map(|what| (path, what))
+            }
+            _ => None,
+        };
+        match refused {
+            Some((path, what)) => io::Error::new(
+                e.kind(),
+                RefusedError {
+                    address: self.to_string(),
+                    path: path.display().to_string(),
+                    what,
+                    source: e,
+                },
+            ),
+            None => self.context("connect to", e),
+        }
     }
 
     /// `e`, from binding a listener to this address, with the address in its message ("cannot
@@ -335,6 +357,60 @@ struct AddressError {
     action: &'static str,
     address: String,
     source: io::Error,
+}
+
+/// What is at a unix socket path that refused a connection.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// A socket: it was bound, and nothing listens on it any more.
+    Stale,
+    /// Not a socket at all: a regular file, a directory, ...
+    NotASocket(&'static str),
+}
+
+impl Refused {
+    /// Looks at `path` (following links, as connecting does); `None` if it cannot be looked at
+    /// (gone meanwhile, say): the system's error then says it all.
+    fn at(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = std::fs::metadata(path).ok()?.file_type();
+        Some(if kind.is_socket() {
+            Self::Stale
+        } else if kind.is_file() {
+            Self::NotASocket("a regular file")
+        } else if kind.is_dir() {
+            Self::NotASocket("a directory")
+        } else if kind.is_fifo() {
+            Self::NotASocket("a named pipe (FIFO)")
+        } else if kind.is_char_device() || kind.is_block_device() {
+            Self::NotASocket("a device")
+        } else {
+            Self::NotASocket("something else")
+        })
+    }
+}
+
+/// A connection to a unix socket path refused, and why (see [`Address::connect_error`]).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to {address}: {}", describe(*what, path))]
+struct RefusedError {
+    address: String,
+    path: String,
+    what: Refused,
+    source: io::Error,
+}
+
+fn describe(what: Refused, path: &str) -> String {
+    match what {
+        Refused::Stale => format!(
+            "nothing is listening on {path} (a stale socket file): is QEMU running, with its \
+             monitor on this path?"
+        ),
+        Refused::NotASocket(kind) => format!(
+            "{path} is not a socket: it is {kind}; give the path of the socket QEMU listens on \
+             (its -chardev socket,path=...)"
+        ),
+    }
 }
 
 impl fmt::Display for Address {

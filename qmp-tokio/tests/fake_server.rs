@@ -156,3 +156,143 @@ async fn disconnect_gives_up_on_a_peer_that_stopped_reading() {
     );
     assert!(matches!(big.await.unwrap(), Err(Error::Disconnected(_))));
 }
+
+/// A stream that fails, once told to, with a chosen error: on its next read or its next write.
+struct Failing {
+    inner: tokio::io::DuplexStream,
+    fail: std::sync::Arc<std::sync::Mutex<Option<(Side, std::io::ErrorKind)>>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Side {
+    Read,
+    Write,
+}
+
+impl Failing {
+    fn failure(&self, side: Side) -> Option<std::io::Error> {
+        match *self.fail.lock().unwrap() {
+            Some((s, kind)) if s == side => Some(kind.into()),
+            _ => None,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Failing {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(e) = self.failure(Side::Read) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Failing {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(e) = self.failure(Side::Write) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The errors that can only mean the peer went away (a reset when QEMU died with our commands
+/// unread, a broken pipe when a write hit its dead socket, an abort) are `PeerClosed`, as end
+/// of stream is, with the system's error as the source; any other error stays `Io`. The
+/// conformance suite kills a real daemon; here each error is made to happen, deterministically.
+#[tokio::test]
+async fn the_peer_gone_is_peer_closed_however_the_system_reports_it() {
+    use qmp_tokio::Disconnect;
+    use std::io::ErrorKind::{
+        BrokenPipe, ConnectionAborted, ConnectionReset, InvalidData, PermissionDenied,
+    };
+    for (side, kind, gone) in [
+        (Side::Read, ConnectionReset, true),
+        (Side::Write, BrokenPipe, true),
+        (Side::Read, ConnectionAborted, true),
+        (Side::Write, ConnectionReset, true),
+        (Side::Read, InvalidData, false),
+        (Side::Write, PermissionDenied, false),
+    ] {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut theirs = theirs;
+            theirs
+                .write_all(format!("{}\r\n", qmp_testkit::GREETING).as_bytes())
+                .await
+                .unwrap();
+            let mut inbox = Vec::new();
+            let mut buf = [0; 4096];
+            while let Ok(n @ 1..) = theirs.read(&mut buf).await {
+                inbox.extend_from_slice(&buf[..n]);
+                for cmd in qmp_testkit::take_commands(&mut inbox) {
+                    if cmd["execute"] == "qmp_capabilities" {
+                        let reply = format!("{{\"return\": {{}}, \"id\": {}}}\r\n", cmd["id"]);
+                        theirs.write_all(reply.as_bytes()).await.unwrap();
+                    }
+                }
+            }
+        });
+        let fail = std::sync::Arc::default();
+        let stream = Failing {
+            inner: ours,
+            fail: std::sync::Arc::clone(&fail),
+        };
+        let client = qmp_tokio::wrap(stream, Options::new()).await.unwrap();
+        *fail.lock().unwrap() = Some((side, kind));
+        let what = format!("{kind:?} on {side:?}");
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            client.execute("query-version", ()),
+        )
+        .await
+        .expect("an answer");
+        let Err(Error::Disconnected(reason)) = got else {
+            panic!("{what}: {got:?}");
+        };
+        let source = match &reason {
+            Disconnect::PeerClosed { source, .. } if gone => source.as_deref(),
+            Disconnect::Io(e) if !gone => Some(&**e),
+            other => panic!("{what}: {other:?}"),
+        };
+        assert_eq!(source.map(std::io::Error::kind), Some(kind), "{what}");
+        if gone {
+            // Chained as it is held: shared, as a `Disconnect` is `Clone`.
+            let chained = std::error::Error::source(&reason).expect("the source is chained");
+            assert_eq!(
+                chained
+                    .downcast_ref::<std::sync::Arc<std::io::Error>>()
+                    .map(|e| e.kind()),
+                Some(kind),
+                "{what}"
+            );
+        }
+        assert!(matches!(
+            (client.closed().await, gone),
+            (Disconnect::PeerClosed { .. }, true) | (Disconnect::Io(_), false)
+        ));
+    }
+}
