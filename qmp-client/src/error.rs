@@ -22,18 +22,22 @@ use qmp_proto::{ArgumentsError, CloseReason, CommandError, ProtocolError, QmpErr
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// QEMU refused the command: `class` says why (an open set), `desc` is for humans.
+    /// QEMU refused the command: `class` says why (an open set), `desc` is for humans. Also
+    /// QEMU's id-less error about input it could not parse (`GenericError`, "JSON parse
+    /// error, ..."), as soon as it arrives, for the oldest command in flight: the one whose
+    /// bytes it is about (the rest of such a cascade of errors fails nothing).
     #[error("QMP error: {0}")]
     Qmp(QmpError),
     /// No response within the timeout (or the connect deadline). A command that was written
     /// stays on the wire; its late response is discarded.
     #[error("timed out")]
     Timeout,
-    /// Connecting: no QMP greeting arrived within the connect timeout, or the server did not
-    /// even take the connection (its queue of pending ones was full). A QEMU monitor serves one
+    /// Connecting: nothing at all arrived within the connect timeout, or the server did not even
+    /// take the connection (its queue of pending ones was full). A QEMU monitor serves one
     /// client at a time and greets (or accepts) the next only when the current one leaves, so
-    /// another client is probably connected to it. Or the socket is not a QMP monitor: a guest
-    /// agent's never greets (connect to it as a guest agent instead).
+    /// another client is probably connected to it. Or the socket is a guest agent's, which
+    /// never greets (connect to it as a guest agent instead). A peer that sends something
+    /// other than a greeting fails at once with [`Protocol`](Self::Protocol) instead.
     #[error(
         "no QMP greeting within the connect timeout: a QEMU monitor serves one client at a time \
          (is another client connected to it?), and a guest agent never greets"
@@ -43,8 +47,11 @@ pub enum Error {
     /// why (QEMU gone is [`Disconnect::PeerClosed`]).
     #[error("disconnected: {0}")]
     Disconnected(Disconnect),
-    /// The server broke the protocol during the handshake (not a QMP monitor? a guest agent
-    /// socket?).
+    /// Connecting: the peer is not what was asked for, said as soon as its first bytes show it,
+    /// with an excerpt of them ([`ProtocolError::BadGreeting`]: anything but a QMP greeting
+    /// first, such as an SSH banner or an HMP prompt; [`ProtocolError::QmpGreeting`]: a guest
+    /// agent connect reached a QMP monitor), or the handshake failed
+    /// ([`ProtocolError::NegotiationRejected`], [`ProtocolError::EofDuringHandshake`]).
     #[error("protocol error: {0}")]
     Protocol(ProtocolError),
     /// Connecting, accepting or binding failed.
@@ -59,8 +66,11 @@ pub enum Error {
     /// The return value did not deserialize into the requested type.
     #[error("the return value did not deserialize into the requested type: {0}")]
     Decode(#[source] serde_json::Error),
-    /// The request failed in another way the core reports: its response was too large or too
-    /// deep to read, or it asked for OOB on a connection that did not negotiate it.
+    /// The request failed in another way the core reports: its reply passed `max_message_size`
+    /// or `max_depth` ([`CommandError::ResponseTooLarge`], [`CommandError::ResponseTooDeep`],
+    /// reported where the limit is passed, not when the reply ends), it was not a reply
+    /// ([`CommandError::NotAReply`]: the command's id without `return` or `error`), or it asked
+    /// for OOB on a connection that did not negotiate it.
     #[error(transparent)]
     Command(CommandError),
     /// File descriptors can only travel over a unix socket (`SCM_RIGHTS`); this connection is not
@@ -119,7 +129,8 @@ pub enum Disconnect {
     #[error("the connection was closed locally")]
     Local,
     /// The server broke the protocol: it is not a QMP server, or not the kind connected to (a
-    /// guest agent's socket given to a QMP client, or the other way round).
+    /// guest agent's socket given to a QMP client, or the other way round), or it sent a value
+    /// nested deeper than any QEMU does ([`ProtocolError::TooDeepToSkip`]).
     #[error(transparent)]
     Protocol(ProtocolError),
     /// Reading or writing the socket failed in a way that does not mean the peer went away

@@ -111,9 +111,11 @@ impl ConfigBuilder {
     /// Largest incoming message in bytes (default 64 MiB, QEMU's own input limit). Memory is only
     /// spent when a message really is that big; guest-agent file reads reach ~48 MB. A larger
     /// message is skipped without being buffered and reported as
-    /// [`MalformedKind::TooLarge`](crate::MalformedKind::TooLarge), or, when it is the response to
-    /// a pending request, fails that request with
-    /// [`CommandError::ResponseTooLarge`](crate::CommandError::ResponseTooLarge). At least 64
+    /// [`MalformedKind::TooLarge`](crate::MalformedKind::TooLarge), or, when it may be the
+    /// response to a pending request, fails that request with
+    /// [`CommandError::ResponseTooLarge`](crate::CommandError::ResponseTooLarge) as soon as the
+    /// limit is passed: the request its `id` names if that came first, else the oldest in-band
+    /// request in flight (QEMU answers those in order) and any out-of-band ones. At least 64
     /// bytes, so fuzzing and tests can use tiny limits; a QEMU greeting needs about 150 (300 from a
     /// `pretty=on` monitor).
     pub fn max_message_size(mut self, bytes: usize) -> Self {

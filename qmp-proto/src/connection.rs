@@ -546,7 +546,7 @@ impl Connection {
                 // the wrong peer, and waiting for it to end would only wait out the deadline.
                 let ahead = self.splitter.ahead();
                 if ahead.first().is_some_and(|&b| b != b'{') {
-                    let excerpt = Excerpt::new(ahead);
+                    let excerpt = Excerpt::new(ahead.trim_ascii_end());
                     return s.close(ProtocolError::BadGreeting(excerpt).into());
                 }
             }
@@ -608,7 +608,7 @@ impl Session {
             // Whatever it is, it is not the greeting that must come first.
             let excerpt = match bytes {
                 [] => Excerpt::new(kind.to_string().as_bytes()),
-                _ => Excerpt::new(bytes),
+                _ => Excerpt::new(bytes.trim_ascii_end()),
             };
             return self.close(ProtocolError::BadGreeting(excerpt).into());
         }

@@ -13,15 +13,17 @@
 //!   messages and any chunking of the input all work; each byte is scanned once
 //!   ([`framing::JsonSplitter`]).
 //! * **Bounds**: a maximum message size and depth (larger messages are skipped without being
-//!   buffered, reported, and survived), a bounded output queue that pauses reading, a bounded
-//!   table of pending requests. See [`Config`].
+//!   buffered and survived; the request they may answer fails where the limit is passed), a
+//!   bounded output queue that pauses reading, a bounded table of pending requests. See
+//!   [`Config`].
 //! * **The handshake**: greeting, `qmp_capabilities` with OOB when offered; commands sent early
 //!   are queued.
 //! * **Requests**: unique ids never reused, on the wire too (see [`Connection::wire_id`]);
 //!   exactly one outcome per request (return value, QMP
 //!   error, timed out, or closed) unless cancelled; late responses of cancelled or timed-out
 //!   requests dropped; OOB commands overtaking in-band ones, which are held to QEMU's queue
-//!   depth; the cascades of id-less errors QEMU sends after a parse error survived.
+//!   depth; an id-less error (QEMU could not parse its input) fails the oldest in-band request
+//!   in flight, and the rest of its cascade fails nothing.
 //! * **File descriptors**: a command marked [`Command::with_fds`] starts its own [`Transmit`], so an
 //!   adapter knows which write must carry `SCM_RIGHTS`.
 //! * **Lazy parsing**: return values and event data stay as [`RawJson`] until asked for.
