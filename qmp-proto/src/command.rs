@@ -197,6 +197,13 @@ impl Command {
         if !object.is_empty() {
             let bytes = serde_json::to_vec(&object)?;
             check_arguments(&bytes)?;
+            // QEMU's token limit is for the whole command: the arguments' tokens count too, or
+            // two parts each under it would earn a cascade of id-less errors together.
+            let tokens = measure(&bytes).1 + cmd.arguments_json().map_or(0, |a| measure(a).1);
+            let limit = QEMU_MAX_TOKENS - WRAPPER_TOKENS;
+            if tokens > limit {
+                return Err(ArgumentsError::TooManyTokens { tokens, limit });
+            }
             // Keep the members without their braces, to splice into the command object.
             let mut text = Vec::from(std::mem::take(&mut cmd.text));
             text.push(b',');
@@ -496,6 +503,19 @@ mod tests {
             r#"{"execute":"x","arguments":{}"#
         );
         assert!(matches!(cmd(&Long), Err(ArgumentsError::NotAnObject)));
+    }
+
+    #[test]
+    fn a_raw_command_is_within_the_token_limit_as_a_whole() {
+        let half = serde_json::Value::Array(vec![0.into(); (QEMU_MAX_TOKENS / 2 + 10) / 2]);
+        let each = serde_json::json!({"execute": "x", "arguments": {"a": half}});
+        assert!(Command::from_json(each.clone()).is_ok());
+        let mut both = each;
+        both["control"] = serde_json::json!({"b": half});
+        assert!(matches!(
+            Command::from_json(both),
+            Err(ArgumentsError::TooManyTokens { tokens, .. }) if tokens > QEMU_MAX_TOKENS
+        ));
     }
 
     #[test]
