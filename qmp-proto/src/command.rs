@@ -507,7 +507,7 @@ mod tests {
 
     #[test]
     fn a_raw_command_is_within_the_token_limit_as_a_whole() {
-        let half = serde_json::Value::Array(vec![0.into(); (QEMU_MAX_TOKENS / 2 + 10) / 2]);
+        let half = Value::Array(vec![0.into(); (QEMU_MAX_TOKENS / 2 + 10) / 2]);
         let each = serde_json::json!({"execute": "x", "arguments": {"a": half}});
         assert!(Command::from_json(each.clone()).is_ok());
         let mut both = each;
