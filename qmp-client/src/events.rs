@@ -808,3 +808,121 @@ impl Stream for Subscription {
         self.poll_item(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use qmp_proto::{Config, Connection, Output};
+
+    use super::*;
+
+    /// Events named as given, as the core delivers them (numbered in `data.i`).
+    fn events(names: &[&str]) -> Vec<Event> {
+        let mut conn = Connection::new(Config::default());
+        let mut input = String::from(
+            r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}"#,
+        );
+        for (i, name) in names.iter().enumerate() {
+            input.push_str(&format!(
+                r#"{{"event": "{name}", "data": {{"i": {i}}}, "timestamp": {{"seconds": 1, "microseconds": 2}}}}"#
+            ));
+        }
+        conn.handle_input(input.as_bytes());
+        std::iter::from_fn(|| conn.poll_output())
+            .filter_map(|o| match o {
+                Output::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn next(sub: &Subscriber) -> Poll<Option<EventItem>> {
+        sub.poll_next(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn index(item: Poll<Option<EventItem>>) -> u64 {
+        match item {
+            Poll::Ready(Some(Ok(e))) => e.data_value().expect("data")["i"].as_u64().expect("i"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn delivery(wakes: &mut Vec<Waker>, lag_after: Duration) -> Delivery<'_> {
+        Delivery {
+            waker: Waker::noop(),
+            wakes,
+            lag_after,
+            passed: None,
+        }
+    }
+
+    /// The first subscription gets the backlog's events that pass its filter, in order, with the
+    /// count of those dropped where they were dropped; then what comes after.
+    #[test]
+    fn first_subscription_takes_the_backlog_over() {
+        let hub = Hub::new(Some(4));
+        let mut view = HubView::default();
+        let mut wakes = Vec::new();
+        // Not ready yet: a full backlog is not waited for.
+        for e in events(&["A", "B", "A", "B", "A", "A"]) {
+            let d = &mut delivery(&mut wakes, Duration::from_secs(1));
+            assert!(matches!(
+                hub.publish(&mut view, e, d),
+                Published::Delivered { .. }
+            ));
+        }
+        let sub = hub.subscribe(EventFilter::name("A"), 8);
+        for e in events(&["A"; 8]).into_iter().skip(6) {
+            let d = &mut delivery(&mut wakes, Duration::from_secs(1));
+            assert!(matches!(
+                hub.publish(&mut view, e, d),
+                Published::Delivered { .. }
+            ));
+        }
+        assert_eq!(index(next(&sub)), 0);
+        assert_eq!(index(next(&sub)), 2);
+        assert_eq!(next(&sub), Poll::Ready(Some(Err(Lagged { missed: 2 }))));
+        assert_eq!(index(next(&sub)), 6);
+        assert_eq!(index(next(&sub)), 7);
+        assert_eq!(next(&sub), Poll::Pending);
+        // The second subscription starts empty.
+        let later = hub.subscribe(EventFilter::all(), 8);
+        assert_eq!(next(&later), Poll::Pending);
+    }
+
+    /// A full queue holds the event until its reader has taken half; after `lag_after` it is
+    /// counted as missed instead; with no wait it is counted at once.
+    #[test]
+    fn a_full_queue_is_waited_for_then_lags() {
+        let hub = Hub::new(None);
+        let mut view = HubView::default();
+        let mut wakes = Vec::new();
+        let sub = hub.subscribe(EventFilter::all(), 2);
+        let mut evs = events(&["E"; 6]).into_iter();
+        let wait = Duration::from_secs(3600);
+        for e in evs.by_ref().take(2) {
+            let d = &mut delivery(&mut wakes, wait);
+            assert!(matches!(
+                hub.publish(&mut view, e, d),
+                Published::Delivered { .. }
+            ));
+        }
+        let d = &mut delivery(&mut wakes, wait);
+        let Published::Held(mut held) = hub.publish(&mut view, evs.next().expect("e2"), d) else {
+            panic!("not held");
+        };
+        assert!(held.until().is_some());
+        assert!(!held.retry(&mut delivery(&mut wakes, wait)));
+        assert_eq!(index(next(&sub)), 0);
+        assert!(held.retry(&mut delivery(&mut wakes, wait)));
+        // Full again; the wait is over (as if `lag_after` had passed): counted, not held.
+        let d = &mut delivery(&mut wakes, Duration::ZERO);
+        assert!(matches!(
+            hub.publish(&mut view, evs.next().expect("e3"), d),
+            Published::Delivered { pressure: true }
+        ));
+        assert_eq!(index(next(&sub)), 1);
+        assert_eq!(index(next(&sub)), 2);
+        assert_eq!(next(&sub), Poll::Ready(Some(Err(Lagged { missed: 1 }))));
+        assert_eq!(next(&sub), Poll::Pending);
+    }
+}
