@@ -169,8 +169,8 @@ impl Options {
     /// How long the connection waits for a subscriber whose queue is full before it drops events
     /// for it (default 1 s; [`Duration::ZERO`]: never wait, drop at once).
     ///
-    /// While it waits, it delivers nothing else, responses included, and soon stops reading from
-    /// QEMU (memory stays bounded); it goes on as soon as the subscriber has read half its queue.
+    /// While it waits, it delivers nothing else, responses and command timeouts included, and
+    /// soon stops reading from QEMU (memory stays bounded); it goes on as soon as the subscriber has read half its queue.
     /// So a subscriber that keeps reading loses nothing, however long the burst, even on another
     /// thread; one that stops reading holds everything up for `lag_after` at most, then lags:
     /// its events are counted, not queued, until it has read half its queue, and it then gets
@@ -181,7 +181,9 @@ impl Options {
     /// reading (one whose task also waits for a command's response, say) delay every caller
     /// longer. Events that come before the first subscription wait in a backlog, which is waited
     /// for only until `lag_after` after connecting: a program that never subscribes stalls once,
-    /// at connect, if at all.
+    /// at connect, if at all. [`Duration::MAX`] waits for ever (then a subscription that stops
+    /// reading stalls the connection until it is dropped); once the connection is closing, the
+    /// wait is 2 s at most, so the end is not held up.
     ///
     /// ```
     /// use std::time::Duration;

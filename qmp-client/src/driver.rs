@@ -444,12 +444,19 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     /// Returns whether to go round again: a held event went out (the outputs behind it may now
     /// be read on), or one was newly held (the timer must be set for its deadline).
     fn dispatch(&mut self, cx: &mut Context<'_>) -> bool {
+        // Once closing, a subscriber that stopped reading must not hold the end up for long:
+        // `lag_after` may be "for ever".
+        let lag_after = if self.closing || self.conn.is_closed() {
+            self.shared.lag_after.min(CLOSE_GRACE)
+        } else {
+            self.shared.lag_after
+        };
         let mut progress = false;
         if let Some(held) = &mut self.held {
             let mut delivery = Delivery {
                 waker: cx.waker(),
                 wakes: &mut self.wakes,
-                lag_after: self.shared.lag_after,
+                lag_after,
                 passed: self.timer_fired,
             };
             if !held.retry(&mut delivery) {
@@ -474,7 +481,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 }
                 Output::Ready { oob } => {
                     tracing::debug!(oob, "ready");
-                    self.shared.hub.ready(Instant::now(), self.shared.lag_after);
+                    self.shared.hub.ready(Instant::now());
                     self.shared.oob.store(oob, Ordering::Release);
                     if let Some(ready) = self.ready.take() {
                         let _ = ready.send(Ok(self.conn.greeting().cloned()));
@@ -496,7 +503,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                     let mut delivery = Delivery {
                         waker: cx.waker(),
                         wakes: &mut self.wakes,
-                        lag_after: self.shared.lag_after,
+                        lag_after,
                         passed: self.timer_fired,
                     };
                     match self

@@ -347,10 +347,10 @@ struct BacklogState {
     items: VecDeque<EventItem>,
     /// Events dropped since the last one kept.
     missed: u64,
-    /// Until when the driver waits for a subscriber when the backlog is full: `lag_after` after
-    /// the connection became ready (a flood at connect is kept while the caller subscribes; a
-    /// program that never subscribes stalls once). `None` before that.
-    wait_until: Option<Instant>,
+    /// When the connection became ready. A full backlog is waited for until `lag_after` after
+    /// that (a flood at connect is kept while the caller subscribes; a program that never
+    /// subscribes stalls once, then drops), not before (nobody could subscribe yet).
+    ready_at: Option<Instant>,
     /// The connection's task, waiting for room.
     producer: Option<Waker>,
     /// The first subscriber, once it took the backlog over: events published through a view
@@ -373,19 +373,16 @@ impl Backlog {
             };
         }
         if b.items.len() >= self.capacity {
-            let now = d.now();
-            match b.wait_until {
-                Some(until) if !d.lag_after.is_zero() && now < until => {
+            if b.ready_at.is_some() {
+                // The backlog counts as full since the connection became ready.
+                if let Some(until) = d.wait(&mut b.ready_at) {
                     if !b.producer.as_ref().is_some_and(|w| w.will_wake(d.waker)) {
                         b.producer = Some(d.waker.clone());
                     }
-                    return Pushed::Full {
-                        event,
-                        until: Some(until),
-                    };
+                    return Pushed::Full { event, until };
                 }
-                _ => b.missed += 1,
             }
+            b.missed += 1;
             return Pushed::Done { half: false };
         }
         if b.missed > 0 {
@@ -519,7 +516,7 @@ impl Hub {
                 state: Mutex::new(BacklogState {
                     items: VecDeque::new(),
                     missed: 0,
-                    wait_until: None,
+                    ready_at: None,
                     producer: None,
                     claimed: None,
                 }),
@@ -538,13 +535,10 @@ impl Hub {
 
     /// The connection became ready at `now`: a full backlog waits for the first subscription
     /// until `lag_after` later.
-    pub(crate) fn ready(&self, now: Instant, lag_after: Duration) {
+    pub(crate) fn ready(&self, now: Instant) {
         let backlog = lock(&self.subscribers).backlog.clone();
         if let Some(backlog) = backlog {
-            let mut b = lock(&backlog.state);
-            if b.wait_until.is_none() {
-                b.wait_until = now.checked_add(lag_after);
-            }
+            lock(&backlog.state).ready_at.get_or_insert(now);
         }
     }
 

@@ -20,7 +20,8 @@ macro_rules! events_conformance {
         $crate::conformance!(@tests $adapter;
             fake_events_with_negotiation_reply, fake_event_flood_from_connect,
             fake_event_burst_reader_keeps_up, fake_event_stuck_subscriber_lags,
-            fake_event_stuck_subscriber_bounded, fake_event_flood_never_subscribed,
+            fake_event_stuck_subscriber_bounded, fake_event_stuck_subscriber_close,
+            fake_event_flood_never_subscribed,
             qemu_events_before_first_subscribe);
     };
 }
@@ -220,6 +221,58 @@ pub async fn fake_event_stuck_subscriber_bounded(a: &'static dyn Adapter) {
         "the reply took {:?} once the subscriber was gone",
         unstuck.elapsed()
     );
+}
+
+/// With [`Options::lag_after`] "for ever", a subscriber that stops reading holds replies until
+/// it reads, but not the close: `disconnect` waits 2 s for it at most, and the subscription ends
+/// after what it had queued.
+pub async fn fake_event_stuck_subscriber_close(a: &'static dyn Adapter) {
+    let server = FakeServer::start(|c| {
+        c.handshake();
+        for i in 0..100 {
+            c.event("TICK", json!({"i": i}));
+        }
+        c.serve_forever();
+    });
+    let client = a
+        .connect(
+            server.path().into(),
+            Options::new().event_buffer(4).lag_after(Duration::MAX),
+        )
+        .await
+        .expect("connect");
+    let mut stuck = client.subscribe(EventFilter::all());
+    // Held behind the events (a command's own timeout would be too: the driver dispatches
+    // nothing meanwhile).
+    let held = timeout(
+        a,
+        Duration::from_millis(500),
+        client.execute("query-status", ()),
+    )
+    .await;
+    assert!(held.is_none(), "{held:?}");
+    let started = Instant::now();
+    timeout(a, Duration::from_secs(30), client.disconnect())
+        .await
+        .expect("the close was held up");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closing took {:?}",
+        started.elapsed()
+    );
+    all_in_order(&mut stuck, 4, "stuck").await;
+    let rest = timeout(a, Duration::from_secs(30), async {
+        let mut missed = 0;
+        loop {
+            match stuck.recv().await {
+                Some(Err(lag)) => missed += lag.missed,
+                Some(Ok(e)) => panic!("an event after the queue was full: {e:?}"),
+                None => return missed,
+            }
+        }
+    });
+    let missed = rest.await.expect("the subscription never ended");
+    assert!(missed > 0 && missed <= 96, "missed {missed}");
 }
 
 /// Whether the fake server's socket takes more bytes within `wait`.
