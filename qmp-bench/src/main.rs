@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! qmp-bench [--adapter tokio|smol|async-std|blocking] [--typed] [--one-thread]
-//!           --socket PATH [--oob | --no-oob] WORKLOAD N [ARG]
+//!           [--event-buffer E] --socket PATH [--oob | --no-oob] WORKLOAD N [ARG]
 //! ```
 //!
 //! Workloads: `roundtrip N`, `pipeline N W`, `events N S`, `big N S`. Prints one JSON line with
@@ -32,16 +32,22 @@ struct Args {
     /// Blocking `pipeline` from one thread (`Client::as_async` under `Client::block_on`)
     /// instead of W threads.
     one_thread: bool,
+    /// `events`: each subscription's queue; `None`: the whole flood.
+    event_buffer: Option<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut adapter, mut socket, mut oob, mut rest) = ("tokio".to_owned(), None, None, Vec::new());
-    let (mut typed, mut one_thread) = (false, false);
+    let (mut typed, mut one_thread, mut event_buffer) = (false, false, None);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--typed" => typed = true,
             "--one-thread" => one_thread = true,
+            "--event-buffer" => {
+                let e = args.next().ok_or("--event-buffer needs a value")?;
+                event_buffer = Some(e.parse().map_err(|e| format!("--event-buffer: {e}"))?);
+            }
             "--adapter" => adapter = args.next().ok_or("--adapter needs a value")?,
             "--socket" => socket = args.next(),
             "--oob" => oob = Some(true),
@@ -64,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
         arg: if rest.len() > 2 { num(2, "ARG")? } else { 0 },
         typed,
         one_thread,
+        event_buffer,
     })
 }
 
@@ -191,7 +198,9 @@ fn options(args: &Args) -> Options {
         // The flood arrives far faster than QEMU ever sends events. With the connection's task on
         // another thread (async-std's default, blocking), a subscriber only keeps up if its queue
         // can hold the burst; otherwise it is told, correctly, that it lagged. Same for all.
-        options.event_buffer(usize::try_from(args.n).unwrap_or(usize::MAX))
+        // `--event-buffer` measures a smaller queue, which the connection waits for.
+        let whole = usize::try_from(args.n).unwrap_or(usize::MAX);
+        options.event_buffer(args.event_buffer.unwrap_or(whole))
     } else {
         options
     }

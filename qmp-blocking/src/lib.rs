@@ -406,7 +406,11 @@ impl Client {
     }
 
     /// Subscribes to the events that pass `filter`, buffered (bounded, with lag reporting) until
-    /// read. In place when this returns, so it sees the events of commands sent afterwards.
+    /// read. In place when this returns, so it sees the events of commands sent afterwards; the
+    /// connection's first subscription also gets the events from before it (see
+    /// [`qmp_client::Client::subscribe`]). When its queue is full the connection waits for it
+    /// ([`Options::lag_after`], 1 s): a thread that subscribes and then blocks on a command whose
+    /// events overflow the queue gets that command's reply that much later, and a `Lagged`.
     pub fn subscribe(&self, filter: EventFilter) -> Subscription {
         Subscription {
             inner: self.inner.subscribe(filter),

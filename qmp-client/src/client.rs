@@ -68,6 +68,7 @@ pub struct Options {
     pub(crate) wait_for_server: bool,
     pub(crate) timeout: Option<Duration>,
     pub(crate) event_buffer: usize,
+    pub(crate) lag_after: Duration,
     pub(crate) name: Option<String>,
     pub(crate) spawner: Option<Arc<dyn Fn(BoxFuture) + Send + Sync>>,
 }
@@ -80,6 +81,7 @@ impl fmt::Debug for Options {
             .field("wait_for_server", &self.wait_for_server)
             .field("timeout", &self.timeout)
             .field("event_buffer", &self.event_buffer)
+            .field("lag_after", &self.lag_after)
             .field("name", &self.name)
             .field("spawner", &self.spawner.is_some())
             .finish()
@@ -94,6 +96,7 @@ impl Default for Options {
             wait_for_server: false,
             timeout: None,
             event_buffer: 1024,
+            lag_after: Duration::from_secs(1),
             name: None,
             spawner: None,
         }
@@ -154,9 +157,44 @@ impl Options {
         self
     }
 
-    /// Events each subscription queues before it reports [`Lagged`](crate::Lagged) (default 1024).
+    /// Events each subscription queues (default 1024): when its queue is full, the connection
+    /// waits for it to read (see [`lag_after`](Self::lag_after)), then drops its events and
+    /// reports how many as [`Lagged`](crate::Lagged). The same number of events waits for the
+    /// first subscription (see [`Client::subscribe`]).
     pub fn event_buffer(mut self, events: usize) -> Self {
         self.event_buffer = events.max(1);
+        self
+    }
+
+    /// How long the connection waits for a subscriber whose queue is full before it drops events
+    /// for it (default 1 s; [`Duration::ZERO`]: never wait, drop at once).
+    ///
+    /// While it waits, it delivers nothing else, responses and command timeouts included, and
+    /// soon stops reading from QEMU (memory stays bounded); it goes on as soon as the subscriber has read half its queue.
+    /// So a subscriber that keeps reading loses nothing, however long the burst, even on another
+    /// thread; one that stops reading holds everything up for `lag_after` at most, then lags:
+    /// its events are counted, not queued, until it has read half its queue, and it then gets
+    /// one [`Lagged`](crate::Lagged) with the count. It is waited for again the next time its
+    /// queue fills after that.
+    ///
+    /// The trade-off: a longer wait drops events less readily, and lets a subscriber that stopped
+    /// reading (one whose task also waits for a command's response, say) delay every caller
+    /// longer. Events that come before the first subscription wait in a backlog, which is waited
+    /// for only until `lag_after` after connecting: a program that never subscribes stalls once,
+    /// at connect, if at all. [`Duration::MAX`] waits for ever (then a subscription that stops
+    /// reading stalls the connection until it is dropped); once the connection is closing, the
+    /// wait is 2 s at most, so the end is not held up.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// // A monitoring tool that must not miss events, and whose commands can wait.
+    /// let patient = qmp_client::Options::new().lag_after(Duration::from_secs(10));
+    /// // Responses first: a subscriber that falls behind loses events at once.
+    /// let lossy = qmp_client::Options::new().lag_after(Duration::ZERO);
+    /// # let _ = (patient, lossy);
+    /// ```
+    pub fn lag_after(mut self, wait: Duration) -> Self {
+        self.lag_after = wait;
         self
     }
 
@@ -209,6 +247,8 @@ pub(crate) struct Shared {
     pub(crate) greeted: AtomicBool,
     can_pass_fds: bool,
     event_buffer: usize,
+    /// [`Options::lag_after`].
+    pub(crate) lag_after: Duration,
     closed: Mutex<(Option<Disconnect>, Vec<Waker>)>,
     /// The driver is gone, and the transport (the socket) with it; who waits for that.
     released: Mutex<(bool, Vec<Waker>)>,
@@ -343,12 +383,14 @@ impl Client {
         let greets = conn.state() == qmp_proto::State::AwaitingGreeting;
         let shared = Arc::new(Shared {
             calls: Calls::default(),
-            hub: Hub::default(),
+            // A guest agent sends no events: nothing to keep for a first subscription.
+            hub: Hub::new(greets.then_some(options.event_buffer)),
             runtime: Arc::clone(&runtime),
             oob: AtomicBool::new(false),
             greeted: AtomicBool::new(false),
             can_pass_fds: io.can_pass_fds(),
             event_buffer: options.event_buffer,
+            lag_after: options.lag_after,
             closed: Mutex::new((None, Vec::new())),
             released: Mutex::new((false, Vec::new())),
             commands: Mutex::new(None),
@@ -518,12 +560,45 @@ impl Client {
     /// Subscribes to the events that pass `filter`. The subscription is in place when this
     /// returns, so it sees every event a command sent afterwards causes, even those QEMU sends
     /// before the command's own response.
+    ///
+    /// No event is lost from the greeting on. Until the first subscription, the connection keeps
+    /// the events that arrive (those in the same read as the negotiation's reply, those QEMU sends
+    /// right after, a flood already under way) in a backlog of
+    /// [`Options::event_buffer`] events; the first subscription (also the one inside
+    /// [`wait_for`](Self::wait_for)) starts with those of them that pass its filter, in order,
+    /// then carries on with what comes after. When the backlog fills, the connection waits for
+    /// that subscription until [`Options::lag_after`] after connecting, then drops events; the
+    /// first subscription gets a [`Lagged`](crate::Lagged) with the count where they were
+    /// dropped. Later subscriptions see the events from their `subscribe` on. So to see the early
+    /// events on several streams, subscribe once, broadly, first, and split from there:
+    ///
+    /// ```no_run
+    /// # async fn f(client: qmp_client::Client) {
+    /// use qmp_client::EventFilter;
+    ///
+    /// // Right after connect: this one also gets what came before it.
+    /// let mut everything = client.subscribe(EventFilter::all());
+    /// // From now on only.
+    /// let jobs = client.subscribe(EventFilter::name("JOB_STATUS_CHANGE"));
+    /// while let Some(item) = everything.recv().await {
+    ///     match item {
+    ///         Ok(event) => println!("{}", event.name),
+    ///         Err(lagged) => eprintln!("{lagged}"),
+    ///     }
+    /// }
+    /// # drop(jobs); }
+    /// ```
+    ///
+    /// A subscription that keeps reading loses nothing: when its queue is full the connection
+    /// waits for it (see [`Options::lag_after`] for the trade-off).
     pub fn subscribe(&self, filter: EventFilter) -> Subscription {
         let sub = self.shared.hub.subscribe(filter, self.shared.event_buffer);
         Subscription::new(sub, Arc::clone(&self.shared))
     }
 
-    /// Waits up to `timeout` for an event that passes `filter`, from now on. To catch an event a
+    /// Waits up to `timeout` for an event that passes `filter`, from now on (or, as the
+    /// connection's first subscription, from the greeting on: see
+    /// [`subscribe`](Self::subscribe)). To catch an event a
     /// command causes, subscribe *before* sending the command and wait on the subscription:
     ///
     /// ```no_run

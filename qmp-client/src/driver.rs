@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::calls::Request;
 use crate::client::Shared;
 use crate::error::{Disconnect, Error};
-use crate::events::HubView;
+use crate::events::{Delivery, Held, HubView, Published};
 
 /// A byte stream a connection runs over. Adapters implement it for their runtime's
 /// sockets; the driver calls it from one task only.
@@ -139,6 +139,11 @@ pub(crate) struct Driver<T, S> {
     wakes: Vec<std::task::Waker>,
     /// The subscribers, as of the hub's last change.
     hub_view: HubView,
+    /// An event waiting for room in full subscriber queues; nothing after it is dispatched
+    /// meanwhile (see [`Held`]).
+    held: Option<Held>,
+    /// When the timer last fired: that time has passed, whatever the clock reads.
+    timer_fired: Option<Instant>,
     io_error: Option<Arc<io::Error>>,
     needs_flush: bool,
     /// A subscriber's queue filled up: yield so it can catch up before more is read.
@@ -189,6 +194,8 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             resyncs: Vec::new(),
             wakes: Vec::new(),
             hub_view: HubView::default(),
+            held: None,
+            timer_fired: None,
             io_error: None,
             needs_flush: false,
             yield_now: false,
@@ -231,8 +238,10 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                     Poll::Pending => {}
                 }
             }
-            self.dispatch();
-            if self.conn.is_closed() {
+            progress |= self.dispatch(cx);
+            // A held event goes first: outputs behind it (responses, the close) are dispatched
+            // after it, within `lag_after`.
+            if self.conn.is_closed() && self.held.is_none() {
                 return Poll::Ready(());
             }
             if !progress {
@@ -390,18 +399,17 @@ impl<T: Transport, S: Timer> Driver<T, S> {
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
-        let at = match (self.conn.poll_timeout(), self.close_by) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => match a.or(b) {
-                Some(at) => at,
-                None => return false,
-            },
+        let held_until = self.held.as_ref().and_then(Held::until);
+        let deadlines = [self.conn.poll_timeout(), self.close_by, held_until];
+        let Some(at) = deadlines.into_iter().flatten().min() else {
+            return false;
         };
         if self.timer.poll_at(cx, at).is_pending() {
             return false;
         }
         // The timer fired for `at`, so `at` has passed whatever the two clocks' rounding.
         let now = Instant::now().max(at);
+        self.timer_fired = Some(now);
         if self.close_by.is_some_and(|by| by <= now) {
             tracing::debug!("the peer did not take our last bytes in time; closing anyway");
             self.conn.close();
@@ -445,8 +453,40 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         }
     }
 
-    fn dispatch(&mut self) {
-        while let Some(output) = self.conn.poll_output() {
+    /// Delivers the outputs at hand, until an event has to wait for a full subscriber queue.
+    /// Returns whether to go round again: a held event went out (the outputs behind it may now
+    /// be read on), or one was newly held (the timer must be set for its deadline).
+    fn dispatch(&mut self, cx: &mut Context<'_>) -> bool {
+        // Once closing, a subscriber that stopped reading must not hold the end up for long:
+        // `lag_after` may be "for ever".
+        let lag_after = if self.closing || self.conn.is_closed() {
+            self.shared.lag_after.min(CLOSE_GRACE)
+        } else {
+            self.shared.lag_after
+        };
+        let mut progress = false;
+        if let Some(held) = &mut self.held {
+            let mut delivery = Delivery {
+                waker: cx.waker(),
+                wakes: &mut self.wakes,
+                lag_after,
+                passed: self.timer_fired,
+            };
+            if !held.retry(&mut delivery) {
+                // Still waiting: wake whom the retry served, and let the outputs wait.
+                self.shared.calls.answer(&mut self.answers, &mut self.wakes);
+                for waker in self.wakes.drain(..) {
+                    waker.wake();
+                }
+                return false;
+            }
+            self.held = None;
+            progress = true;
+        }
+        while self.held.is_none() {
+            let Some(output) = self.conn.poll_output() else {
+                break;
+            };
             match output {
                 Output::Greeting(g) => {
                     self.shared.greeted.store(true, Ordering::Release);
@@ -454,6 +494,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 }
                 Output::Ready { oob } => {
                     tracing::debug!(oob, "ready");
+                    self.shared.hub.ready(Instant::now());
                     self.shared.oob.store(oob, Ordering::Release);
                     if let Some(ready) = self.ready.take() {
                         let _ = ready.send(Ok(self.conn.greeting().cloned()));
@@ -480,10 +521,24 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 Output::Value { id, value } => self.answer(id, Ok(Answer::Value(value))),
                 Output::Event(event) => {
                     tracing::trace!(name = %event.name, "event");
-                    self.yield_now |=
-                        self.shared
-                            .hub
-                            .publish(&mut self.hub_view, event, &mut self.wakes);
+                    let mut delivery = Delivery {
+                        waker: cx.waker(),
+                        wakes: &mut self.wakes,
+                        lag_after,
+                        passed: self.timer_fired,
+                    };
+                    match self
+                        .shared
+                        .hub
+                        .publish(&mut self.hub_view, event, &mut delivery)
+                    {
+                        Published::Delivered { pressure } => self.yield_now |= pressure,
+                        Published::Held(held) => {
+                            tracing::trace!("a subscriber's queue is full; waiting for it");
+                            self.held = Some(held);
+                            progress = true;
+                        }
+                    }
                 }
                 Output::Unmatched(u) => {
                     tracing::debug!(id = ?u.id.as_ref().map(RawJson::get), result = ?u.result, "response matching no request");
@@ -511,6 +566,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
         for waker in self.wakes.drain(..) {
             waker.wake();
         }
+        progress
     }
 }
 
