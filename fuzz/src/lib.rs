@@ -141,15 +141,10 @@ pub(crate) fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
-/// Where the value starting at `bytes[0]` first passes a limit, by an independent scan: whether
-/// by depth (checked first at each byte) and its size up to that byte. `depth_only` ignores the
-/// size limit (values skipped anyway: not objects). `None` if it ends, or `bytes` do, before.
-pub(crate) fn limit_crossing(
-    bytes: &[u8],
-    max_size: usize,
-    max_depth: usize,
-    depth_only: bool,
-) -> Option<(bool, usize)> {
+/// An independent lexical walk of the value starting at `bytes[0]` (`{`, `[` or `"`): calls
+/// `at(index, depth, ended)` after each byte until the value ends (then `None`, unless `at`
+/// returned something there), `at` returns something, or the bytes are not a value.
+fn walk<R>(bytes: &[u8], mut at: impl FnMut(usize, usize, bool) -> Option<R>) -> Option<R> {
     let (mut depth, mut in_string, mut escape) = (0usize, false, false);
     for (i, &b) in bytes.iter().enumerate() {
         let mut ended = false;
@@ -166,6 +161,7 @@ pub(crate) fn limit_crossing(
             match b {
                 b'"' => in_string = true,
                 b'{' | b'[' => depth += 1,
+                // A closer at depth 0 cannot happen: the value starts with an opener or a quote.
                 b'}' | b']' => {
                     depth = depth.checked_sub(1)?;
                     ended = depth == 0;
@@ -174,12 +170,8 @@ pub(crate) fn limit_crossing(
                 _ => {}
             }
         }
-        if depth > max_depth {
-            return Some((true, i + 1));
-        }
-        // The splitter judges a value's size at the byte that passes the limit, even its last.
-        if !depth_only && i + 1 > max_size {
-            return Some((false, i + 1));
+        if let Some(r) = at(i, depth, ended) {
+            return Some(r);
         }
         if ended {
             return None;
@@ -188,43 +180,29 @@ pub(crate) fn limit_crossing(
     None
 }
 
-/// An independent lexical scan of the value starting at `bytes[0]` (`{`, `[` or `"`): the index
-/// just past its end and its deepest nesting, or `None` if it does not end within `bytes`.
+/// Where the value starting at `bytes[0]` first passes a limit: whether by depth (checked first
+/// at each byte) and its size up to that byte. `depth_only` ignores the size limit (values
+/// skipped anyway: not objects). `None` if it ends, or `bytes` do, before.
+pub(crate) fn limit_crossing(
+    bytes: &[u8],
+    max_size: usize,
+    max_depth: usize,
+    depth_only: bool,
+) -> Option<(bool, usize)> {
+    walk(bytes, |i, depth, _| {
+        // The splitter judges a value's size at the byte that passes the limit, even its last.
+        (depth > max_depth || !depth_only && i + 1 > max_size).then_some((depth > max_depth, i + 1))
+    })
+}
+
+/// The index just past the end of the value starting at `bytes[0]` (`{`, `[` or `"`) and its
+/// deepest nesting, by an independent scan, or `None` if it does not end within `bytes`.
 pub(crate) fn lex_value(bytes: &[u8]) -> Option<(usize, usize)> {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let (mut in_string, mut escape) = (false, false);
-    for (i, &b) in bytes.iter().enumerate() {
-        if in_string {
-            if escape {
-                escape = false;
-            } else if b == b'\\' {
-                escape = true;
-            } else if b == b'"' {
-                in_string = false;
-                if depth == 0 {
-                    return Some((i + 1, deepest));
-                }
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b'}' | b']' => {
-                // A closer at depth 0 cannot happen: the value starts with an opener or a quote.
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    return Some((i + 1, deepest));
-                }
-            }
-            _ if depth == 0 => return None,
-            _ => {}
-        }
-    }
-    None
+    let mut deepest = 0;
+    walk(bytes, |i, depth, ended| {
+        deepest = deepest.max(depth);
+        ended.then_some((i + 1, deepest))
+    })
 }
 
 /// How many outputs the connection holds, read from its `Debug` form (there is no getter, and

@@ -6,13 +6,13 @@ use std::time::Duration;
 use qmp_testkit::scenarios::{Adapter, Bound, BoxFut};
 use qmp_tokio::{Address, Client, Error, GuestAgent, Options};
 
-/// The connection's task on the current thread, with the scenario.
-struct Tokio;
-
-/// The connection's task on worker threads, the scenario on the thread that blocks on it: a
-/// subscriber and the connection really run at once, as in most tokio programs (the events
-/// scenarios' races showed up only here).
-struct TokioMulti;
+/// Tokio, with the connection's task on the current thread with the scenario, or on worker
+/// threads (`multi_thread`) while the scenario runs on the thread that blocks on it: a subscriber
+/// and the connection then really run at once, as in most tokio programs (the events scenarios'
+/// races showed up only there).
+struct Tokio {
+    multi_thread: bool,
+}
 
 impl Adapter for Tokio {
     fn connect(&self, address: Address, options: Options) -> BoxFut<Result<Client, Error>> {
@@ -41,48 +41,21 @@ impl Adapter for Tokio {
     }
 
     fn run(&self, scenario: BoxFut<()>) {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(scenario);
+        let mut runtime = match self.multi_thread {
+            true => tokio::runtime::Builder::new_multi_thread(),
+            false => tokio::runtime::Builder::new_current_thread(),
+        };
+        if self.multi_thread {
+            runtime.worker_threads(2);
+        }
+        runtime.enable_all().build().unwrap().block_on(scenario);
     }
 }
 
-impl Adapter for TokioMulti {
-    fn connect(&self, address: Address, options: Options) -> BoxFut<Result<Client, Error>> {
-        Tokio.connect(address, options)
-    }
-
-    fn connect_agent(&self, path: PathBuf, options: Options) -> BoxFut<Result<GuestAgent, Error>> {
-        Tokio.connect_agent(path, options)
-    }
-
-    fn accept(
-        &self,
-        address: Address,
-        options: Options,
-        bound: Bound,
-    ) -> BoxFut<Result<Client, Error>> {
-        Tokio.accept(address, options, bound)
-    }
-
-    fn sleep(&self, duration: Duration) -> BoxFut<()> {
-        Tokio.sleep(duration)
-    }
-
-    fn run(&self, scenario: BoxFut<()>) {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(scenario);
-    }
-}
-
-static TOKIO: Tokio = Tokio;
-static TOKIO_MULTI: TokioMulti = TokioMulti;
+static TOKIO: Tokio = Tokio {
+    multi_thread: false,
+};
+static TOKIO_MULTI: Tokio = Tokio { multi_thread: true };
 
 qmp_testkit::conformance!(TOKIO);
 
