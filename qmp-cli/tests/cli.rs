@@ -175,6 +175,41 @@ fn a_path_that_is_not_a_listening_socket_says_what_it_is() {
     }
 }
 
+/// A socket whose server is not a QMP monitor: `qmp` prints what it sent at once, not after the
+/// connect timeout (30 s here), and exits 2.
+#[test]
+fn a_socket_that_is_not_qmp_says_what_it_sent_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ssh.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        std::io::Write::write_all(&mut c, b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n").expect("banner");
+        // Waits for the client to leave, as an SSH server waits for the client's banner.
+        let _ = std::io::Read::read(&mut c, &mut [0; 64]);
+    });
+    let started = Instant::now();
+    let out = run(&[
+        "--timeout",
+        "30",
+        "-s",
+        path.to_str().expect("utf-8"),
+        "query-version",
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_code(&out, 2);
+    let err = stderr(&out);
+    assert!(
+        err.contains("expected a QMP greeting, got `SSH-2.0-OpenSSH_9.2p1 Debian-2`"),
+        "{err}"
+    );
+    server.join().expect("server");
+}
+
 /// QEMU killed under `qmp wait` is reported as the server closing the connection.
 #[test]
 fn wait_says_the_server_closed_when_qemu_is_killed() {
