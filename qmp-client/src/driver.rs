@@ -548,7 +548,11 @@ impl<T: Transport, S: Timer> Driver<T, S> {
                 }
                 Output::Closed(_) => {
                     let reason = self.reason();
-                    tracing::debug!(%reason, "closed");
+                    match reason {
+                        // The peer is not what it should be: worth a look in anyone's logs.
+                        Disconnect::Protocol(_) => tracing::warn!(%reason, "closed"),
+                        _ => tracing::debug!(%reason, "closed"),
+                    }
                     self.shared.set_closed(reason.clone());
                     if let Some(ready) = self.ready.take() {
                         let e = match reason {
