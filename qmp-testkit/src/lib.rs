@@ -443,15 +443,21 @@ impl ServerConn {
     }
 }
 
-/// Looks a program up on `PATH`; panics with a clear message when it is missing, so a test that
-/// needs a real peer fails loudly instead of passing silently.
+/// Looks a program up on `PATH`, then in the sbin directories (Debian installs `qemu-ga` in
+/// `/usr/sbin`, which a non-root user's `PATH` lacks); panics with a clear message when it is
+/// missing, so a test that needs a real peer fails loudly instead of passing silently.
 pub fn require(program: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let sbin = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
     std::env::split_paths(&path)
+        .chain(sbin)
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
-            panic!("{program} not found on PATH: install {package} (tests need a real peer)")
+            panic!(
+                "{program} not found on PATH nor in /usr/local/sbin, /usr/sbin, /sbin: install \
+                 {package} (tests need a real peer)"
+            )
         })
 }
 
