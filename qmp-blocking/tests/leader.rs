@@ -129,11 +129,11 @@ fn sequential_leading_calls_with_events_interleaved() {
         let mut n = 0u64;
         while let Some(r) = c.recv() {
             n += 1;
-            if n % 3 == 0 {
+            if n.is_multiple_of(3) {
                 c.event("TICK", json!({ "n": n }));
             }
             c.reply(&r.command, r.arguments()["echo"].clone());
-            if n % 5 == 0 {
+            if n.is_multiple_of(5) {
                 c.event("TOCK", json!({ "n": n }));
             }
         }

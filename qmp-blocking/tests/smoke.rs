@@ -88,7 +88,7 @@ fn calls_writing_their_own_commands_stay_correct_under_contention() {
         let mut n = 0u64;
         while let Some(r) = c.recv() {
             n += 1;
-            if n % 7 == 0 {
+            if n.is_multiple_of(7) {
                 c.event("TICK", json!({ "n": n }));
             }
             let echo = r.arguments()["echo"].clone();

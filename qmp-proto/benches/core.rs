@@ -118,8 +118,8 @@ fn block_node(s: &mut String, i: usize) {
         name = format_args!("#block{i:05}"),
         vm = i / 4,
         actual = size / 3 + (i as u64 * 4096),
-        ro = i % 7 == 0,
-        direct = i % 2 == 0,
+        ro = i.is_multiple_of(7),
+        direct = i.is_multiple_of(2),
     );
 }
 

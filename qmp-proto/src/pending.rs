@@ -310,11 +310,11 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 == 0 {
+            if x.is_multiple_of(3) {
                 ops.push((false, next.saturating_sub(x % 300)));
             } else {
                 ops.push((true, next));
-                next += 1 + u64::from(x % 97 == 0) * (x % 1000);
+                next += 1 + u64::from(x.is_multiple_of(97)) * (x % 1000);
             }
         }
         check(&ops);
