@@ -16,7 +16,8 @@
 //!   buffered and survived; the request they may answer fails where the limit is passed), a
 //!   bounded output queue that pauses reading, a bounded table of pending requests. See
 //!   [`Config`].
-//! * **The handshake**: greeting, `qmp_capabilities` with OOB when offered; commands sent early
+//! * **The handshake**: greeting, `qmp_capabilities` (asking for OOB when offered, if
+//!   [`ConfigBuilder::enable_oob`] is on: it is off by default); commands sent early
 //!   are queued.
 //! * **Requests**: unique ids never reused, on the wire too (see [`Connection::wire_id`]);
 //!   exactly one outcome per request (return value, QMP

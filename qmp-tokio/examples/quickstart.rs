@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use qmp_tokio::{Client, EventFilter, Options};
+use qmp_tokio::{Client, Disconnect, EventFilter, Options, Timestamp};
 use serde_json::json;
 
 #[tokio::main(flavor = "current_thread")]
@@ -60,7 +60,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     mirror_job(&client).await?;
 
     client.disconnect().await;
-    println!("disconnected: {:?}", client.closed().await);
+    match client.closed().await {
+        Disconnect::Local => println!("disconnected by us"),
+        other => println!("disconnected: {other}"),
+    }
     Ok(())
 }
 
@@ -91,12 +94,8 @@ async fn mirror_job(client: &Client) -> Result<(), qmp_tokio::Error> {
     println!("blockdev-mirror returned");
 
     let show = |e: &qmp_tokio::Event| {
-        let t = e.timestamp;
         let data = e.data.as_ref().map_or("", |d| d.get());
-        println!(
-            "  event {}.{:06} {} {data}",
-            t.seconds, t.microseconds, e.name
-        );
+        println!("  event {} {} {data}", time_of_day(e.timestamp), e.name);
     };
     loop {
         let e = events.recv_timeout(Duration::from_secs(30)).await?;
@@ -168,4 +167,14 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An event's time as a person reads it: the time of day (UTC) to the microsecond.
+fn time_of_day(t: Timestamp) -> String {
+    if t == Timestamp::UNKNOWN {
+        return "(no time)".to_owned();
+    }
+    let second = t.seconds.rem_euclid(86_400);
+    let (h, m, s) = (second / 3600, second / 60 % 60, second % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:06} UTC", t.microseconds)
 }
