@@ -24,6 +24,12 @@ pub(crate) enum ArgError {
 impl std::fmt::Display for ArgError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            // No KEY=VALUE starts with `-`: an option given after the command.
+            Self::NotKeyValue(w) if w.starts_with('-') => write!(
+                f,
+                "expected KEY=VALUE, got {w:?}: options go before the command \
+                 (qmp [OPTIONS] COMMAND [KEY=VALUE]...)"
+            ),
             Self::NotKeyValue(w) => write!(f, "expected KEY=VALUE, got {w:?}"),
             Self::EmptyKey(w) => write!(f, "empty key in {w:?}"),
             Self::BadJson(k, e) => write!(f, "the value of {k:?} is not valid JSON: {e}"),

@@ -57,7 +57,8 @@ Two words are reserved as COMMAND and are not sent to QEMU:
   events   stream events as JSON lines          (qmp events --help)
   wait     wait for one event, exit 0 when seen (qmp wait --help)
 
-Without COMMAND (and without --json) qmp starts an interactive shell.
+Without COMMAND (and without --json) qmp starts an interactive shell. With commands piped in
+(qmp -s S < script) it prints only the results on stdout and exits with the worst failure's code.
 
 Exit codes: 0 ok, 1 QMP error, 2 connection failure, 3 timeout, 64 usage error, 130 Ctrl-C.";
 

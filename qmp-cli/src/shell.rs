@@ -2,7 +2,7 @@
 //! `transaction(` blocks and `hmp` passthrough.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 
 use qmp_tokio::{Event, EventFilter, Lagged};
@@ -243,7 +243,21 @@ fn action(command: &Value) -> Value {
     })
 }
 
-/// Runs the shell until end of input; returns the exit code.
+/// The worse of two exit codes: a failed command (1), then a timeout (3), then a line that does
+/// not parse (64), then the connection lost (2), which ends the session.
+fn worse(a: u8, b: u8) -> u8 {
+    let rank = |code: u8| match code {
+        0 => 0,
+        crate::EXIT_FAILED => 1,
+        crate::EXIT_TIMEOUT => 2,
+        crate::EXIT_USAGE => 3,
+        _ => 4,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+/// Runs the shell until end of input; returns the exit code. With commands piped in, no banner is
+/// printed and the exit code is that of the worst failure ([`worse`]).
 pub(crate) fn run(session: &Session, runtime: &tokio::runtime::Runtime, style: Style) -> u8 {
     let client = session.peer.client().cloned();
     let helper = match &client {
@@ -309,10 +323,13 @@ pub(crate) fn run(session: &Session, runtime: &tokio::runtime::Runtime, style: S
         ),
         None => "Connected to the guest agent. Ctrl-D quits.".to_owned(),
     };
+    // Commands piped in (a script): no banner, only results on stdout, and the exit code of the
+    // worst failure, as a script needs; a person at a terminal gets the banner and the shell.
+    let script = !std::io::stdin().is_terminal();
     // Output that cannot be written (a closed pipe: `qmp < cmds | head -1`) ends the session as
     // end of input does, instead of a panic from `println!`.
     let mut out = std::io::stdout();
-    if writeln!(out, "{banner}").is_err() {
+    if !script && writeln!(out, "{banner}").is_err() {
         return 0;
     }
     let prompt_normal = if client.is_some() {
@@ -353,6 +370,9 @@ pub(crate) fn run(session: &Session, runtime: &tokio::runtime::Runtime, style: S
             Ok(p) => p,
             Err(e) => {
                 warn!("qmp: {e}");
+                if script {
+                    code = worse(code, crate::EXIT_USAGE);
+                }
                 continue;
             }
         };
@@ -405,10 +425,13 @@ pub(crate) fn run(session: &Session, runtime: &tokio::runtime::Runtime, style: S
             Ok(Value::String(text)) if hmp => write!(out, "{text}").and_then(|()| out.flush()),
             Ok(value) => writeln!(out, "{}", style.format(&value)),
             Err(e) => {
-                crate::report(&e);
+                let failed = crate::report(&e);
                 if session.peer.is_closed() {
                     code = crate::EXIT_CONNECTION;
                     break;
+                }
+                if script {
+                    code = worse(code, failed);
                 }
                 Ok(())
             }

@@ -210,6 +210,18 @@ fn a_socket_that_is_not_qmp_says_what_it_sent_at_once() {
     server.join().expect("server");
 }
 
+/// An option after the command says that options go first, before connecting.
+#[test]
+fn an_option_after_the_command_says_options_go_first() {
+    let out = run(&["query-version", "-s", "/nonexistent.qmp"]);
+    assert_code(&out, 64);
+    let err = stderr(&out);
+    assert!(
+        err.contains("got \"-s\": options go before the command"),
+        "{err}"
+    );
+}
+
 /// QEMU killed under `qmp wait` is reported as the server closing the connection.
 #[test]
 fn wait_says_the_server_closed_when_qemu_is_killed() {

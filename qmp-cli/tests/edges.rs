@@ -128,3 +128,33 @@ fn end_of_input_inside_a_transaction_says_it_was_not_sent() {
     assert_eq!(status.code(), Some(0), "stderr:\n{err}");
     assert!(err.contains("were not sent"), "stderr:\n{err}");
 }
+
+/// Commands piped in, as a script runs them: no banner, only results on stdout, and the exit code
+/// of the worst failure (a failed command 1, a line that does not parse 64).
+#[test]
+fn piped_commands_print_results_only_and_exit_with_the_worst_failure() {
+    let qsd = Qsd::start();
+    let socket = qsd.socket().to_str().expect("utf-8");
+    for (input, code) in [
+        ("query-version\nquery-version\n", 0),
+        ("query-version\nnope\nquery-version\n", 1),
+        ("nope\nquery-version foo\nquery-version\n", 64),
+    ] {
+        let mut child = spawn_shell(&["-s", socket]);
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input.as_bytes()).expect("commands");
+        drop(stdin);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut out)
+            .expect("read stdout");
+        let (status, err) = finish(child);
+        assert_eq!(status.code(), Some(code), "{input:?}: {err}");
+        // One JSON result per successful command, nothing else.
+        let ok = input.lines().filter(|l| *l == "query-version").count();
+        assert_eq!(out.lines().count(), ok, "{input:?}: {out}");
+        for line in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a JSON result");
+            assert_eq!(v["qemu"]["major"], 10, "{line}");
+        }
+    }
+}
