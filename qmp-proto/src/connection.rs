@@ -197,6 +197,13 @@ struct Entry {
     stage: Stage,
 }
 
+impl Entry {
+    /// Whether it is written (or in the transmit buffer): queued no longer.
+    fn written(&self) -> bool {
+        !matches!(self.stage, Stage::Queued { .. })
+    }
+}
+
 /// What [`Session::abandon`] gave up.
 enum Abandoned {
     /// A request never written: nothing of it reaches the peer.
@@ -372,7 +379,7 @@ impl Connection {
         self.session
             .pending
             .get(id.0)
-            .filter(|e| !matches!(e.stage, Stage::Queued { .. }))
+            .filter(|e| e.written())
             .map(|_| id.0)
     }
 
@@ -687,23 +694,17 @@ impl Session {
             None if self.agent.is_some() => self.answered_by(None).into_iter().collect(),
             None => {
                 let mut oldest_in_band = true;
-                self.pending
-                    .iter()
-                    .filter(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
+                self.written()
                     .filter(|(_, e)| e.oob || std::mem::take(&mut oldest_in_band))
                     .map(|(id, _)| id)
                     .collect()
             }
         };
         for id in victims {
-            if !self
-                .pending
-                .get(id)
-                .is_some_and(|e| matches!(e.stage, Stage::InFlight))
-            {
+            // Victims are written; one abandoned already has no caller left to tell.
+            if self.abandon(id).is_none() {
                 continue;
             }
-            self.abandon(id);
             let error = match too_deep {
                 true => CommandError::ResponseTooDeep { size },
                 false => CommandError::ResponseTooLarge { size },
@@ -874,11 +875,9 @@ impl Session {
     fn answered_by(&self, id: Option<Option<u64>>) -> Option<u64> {
         match id {
             Some(wire) => wire.filter(|&id| self.awaits(id)),
-            None if self.agent.is_some() && self.state == State::Ready => self
-                .pending
-                .iter()
-                .find(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
-                .map(|(id, _)| id),
+            None if self.agent.is_some() && self.state == State::Ready => {
+                self.written().next().map(|(id, _)| id)
+            }
             None => None,
         }
     }
@@ -895,14 +894,10 @@ impl Session {
         if self.cascade || self.state != State::Ready {
             return None;
         }
-        let written = || {
-            self.pending
-                .iter()
-                .filter(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
-        };
-        let target = written()
+        let target = self
+            .written()
             .find(|(_, e)| !e.oob)
-            .or_else(|| written().next())
+            .or_else(|| self.written().next())
             .map(|(id, _)| id);
         self.cascade = target.is_some();
         target
@@ -911,9 +906,13 @@ impl Session {
     /// Whether `id` was written and awaits a response (abandoned requests included). A response to
     /// a request not yet written is a forgery or a stray, not an answer.
     fn awaits(&self, id: u64) -> bool {
-        self.pending
-            .get(id)
-            .is_some_and(|e| !matches!(e.stage, Stage::Queued { .. }))
+        self.pending.get(id).is_some_and(Entry::written)
+    }
+
+    /// The requests written (abandoned ones included), oldest first: in-band ones in the order
+    /// they went on the wire.
+    fn written(&self) -> impl Iterator<Item = (u64, &Entry)> {
+        self.pending.iter().filter(|(_, e)| e.written())
     }
 
     /// Completes a written request with the response that arrived for it (dropped if abandoned),
@@ -1183,12 +1182,7 @@ impl Session {
 
     /// Guest agent: gives up everything in flight and sends `0xFF` + `guest-sync-delimited`.
     fn start_sync(&mut self) {
-        let in_flight: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, e)| !matches!(e.stage, Stage::Queued { .. }))
-            .map(|(id, _)| id)
-            .collect();
+        let in_flight: Vec<u64> = self.written().map(|(id, _)| id).collect();
         for id in in_flight {
             let Some(e) = self.remove(id) else {
                 continue;
