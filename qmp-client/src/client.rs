@@ -249,32 +249,19 @@ pub(crate) struct Shared {
     event_buffer: usize,
     /// [`Options::lag_after`].
     pub(crate) lag_after: Duration,
-    closed: Mutex<(Option<Disconnect>, Vec<Waker>)>,
+    closed: Latch<Disconnect>,
     /// The driver is gone, and the transport (the socket) with it; who waits for that.
-    released: Mutex<(bool, Vec<Waker>)>,
+    released: Latch<()>,
     commands: Mutex<Option<Arc<BTreeSet<String>>>>,
 }
 
 impl Shared {
     pub(crate) fn set_closed(&self, reason: Disconnect) {
-        let wakers = {
-            let mut closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
-            if closed.0.is_some() {
-                return;
-            }
-            closed.0 = Some(reason);
-            std::mem::take(&mut closed.1)
-        };
-        self.hub.close();
-        wakers.into_iter().for_each(Waker::wake);
+        self.closed.set(reason, || self.hub.close());
     }
 
     fn closed_reason(&self) -> Option<Disconnect> {
-        self.closed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .0
-            .clone()
+        self.closed.get()
     }
 
     pub(crate) fn disconnect_reason(&self) -> Disconnect {
@@ -283,27 +270,58 @@ impl Shared {
 
     /// Called when the driver, and the transport with it, has been dropped.
     pub(crate) fn set_released(&self) {
+        self.released.set((), || {});
+    }
+}
+
+/// A value set once, that any number of tasks can wait for.
+struct Latch<T> {
+    state: Mutex<(Option<T>, Vec<Waker>)>,
+}
+
+impl<T: Clone> Latch<T> {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((None, Vec::new())),
+        }
+    }
+
+    /// Sets the value, unless it is set already; then runs `then` and wakes who waits, both
+    /// outside the lock (waking may run executor code that takes it).
+    fn set(&self, value: T, then: impl FnOnce()) {
         let wakers = {
-            let mut released = self.released.lock().unwrap_or_else(PoisonError::into_inner);
-            released.0 = true;
-            std::mem::take(&mut released.1)
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.0.is_some() {
+                return;
+            }
+            state.0 = Some(value);
+            std::mem::take(&mut state.1)
         };
+        then();
         wakers.into_iter().for_each(Waker::wake);
     }
 
-    /// Completes once the driver, and the transport with it, has been dropped.
-    async fn released(&self) {
+    fn get(&self) -> Option<T> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// Completes with the value once it is set.
+    async fn wait(&self) -> T {
         std::future::poll_fn(|cx| {
-            let mut released = self.released.lock().unwrap_or_else(PoisonError::into_inner);
-            if released.0 {
-                return Poll::Ready(());
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(value) = &state.0 {
+                return Poll::Ready(value.clone());
             }
-            if !released.1.iter().any(|w| w.will_wake(cx.waker())) {
-                released.1.push(cx.waker().clone());
+            if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
+                state.1.push(cx.waker().clone());
             }
             Poll::Pending
         })
-        .await;
+        .await
     }
 }
 
@@ -391,8 +409,8 @@ impl Client {
             can_pass_fds: io.can_pass_fds(),
             event_buffer: options.event_buffer,
             lag_after: options.lag_after,
-            closed: Mutex::new((None, Vec::new())),
-            released: Mutex::new((false, Vec::new())),
+            closed: Latch::new(),
+            released: Latch::new(),
             commands: Mutex::new(None),
         });
         let span = match &options.name {
@@ -685,23 +703,7 @@ impl Client {
 
     /// Completes when the connection closes, with the reason.
     pub async fn closed(&self) -> Disconnect {
-        std::future::poll_fn(|cx| {
-            let mut closed = self
-                .shared
-                .closed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            match &closed.0 {
-                Some(reason) => Poll::Ready(reason.clone()),
-                None => {
-                    if !closed.1.iter().any(|w| w.will_wake(cx.waker())) {
-                        closed.1.push(cx.waker().clone());
-                    }
-                    Poll::Pending
-                }
-            }
-        })
-        .await
+        self.shared.closed.wait().await
     }
 
     /// Closes the connection: bytes already handed to the transport are written, the socket is
@@ -716,7 +718,7 @@ impl Client {
         }
         // The driver announces the end before it is dropped, and the socket only closes with
         // it; that holds for a connection already closed by the peer too.
-        self.shared.released().await;
+        self.shared.released.wait().await;
     }
 }
 
