@@ -474,10 +474,7 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             };
             if !held.retry(&mut delivery) {
                 // Still waiting: wake whom the retry served, and let the outputs wait.
-                self.shared.calls.answer(&mut self.answers, &mut self.wakes);
-                for waker in self.wakes.drain(..) {
-                    waker.wake();
-                }
+                self.wake_answered();
                 return false;
             }
             self.held = None;
@@ -566,15 +563,19 @@ impl<T: Transport, S: Timer> Driver<T, S> {
             }
         }
         // Callers and subscribers are woken once per batch of outputs.
-        self.shared.calls.answer(&mut self.answers, &mut self.wakes);
-        for waker in self.wakes.drain(..) {
-            waker.wake();
-        }
+        self.wake_answered();
         progress
     }
 }
 
 impl<T, S> Driver<T, S> {
+    /// Hands the answers at hand to their calls, then wakes those callers and the subscribers
+    /// that got events.
+    fn wake_answered(&mut self) {
+        self.shared.calls.answer(&mut self.answers, &mut self.wakes);
+        self.wakes.drain(..).for_each(std::task::Waker::wake);
+    }
+
     /// After the connection closed (or its task died): refuse what is still queued, fail whoever
     /// still waits, and release everything.
     fn finish(&mut self, reason: Disconnect) {
@@ -587,8 +588,7 @@ impl<T, S> Driver<T, S> {
                 self.close_done.push(done);
             }
         }
-        self.shared.calls.answer(&mut self.answers, &mut self.wakes);
-        self.wakes.drain(..).for_each(std::task::Waker::wake);
+        self.wake_answered();
         self.shared.calls.close(&reason);
         self.waiters.clear();
         if let Some(ready) = self.ready.take() {

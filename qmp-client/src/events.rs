@@ -211,18 +211,26 @@ impl Delivery<'_> {
     }
 
     /// A full queue, full since `full_since` (set now if unset): until when to wait for it, if
-    /// still; `Some(None)` is for ever.
-    fn wait(&self, full_since: &mut Option<Instant>) -> Option<Option<Instant>> {
+    /// still (`Some(None)` is for ever), with the driver's waker registered as its `producer`.
+    fn wait(
+        &self,
+        full_since: &mut Option<Instant>,
+        producer: &mut Option<Waker>,
+    ) -> Option<Option<Instant>> {
         if self.lag_after.is_zero() {
             return None;
         }
         let now = self.now();
         let since = *full_since.get_or_insert(now);
-        match since.checked_add(self.lag_after) {
-            None => Some(None),
-            Some(until) if now < until => Some(Some(until)),
-            Some(_) => None,
+        let until = match since.checked_add(self.lag_after) {
+            None => None,
+            Some(until) if now < until => Some(until),
+            Some(_) => return None,
+        };
+        if !producer.as_ref().is_some_and(|w| w.will_wake(self.waker)) {
+            *producer = Some(self.waker.clone());
         }
+        Some(until)
     }
 }
 
@@ -248,10 +256,8 @@ impl Subscriber {
             return Pushed::Done { half: false };
         }
         if q.len() >= self.capacity {
-            if let Some(until) = d.wait(&mut q.full_since) {
-                if !q.producer.as_ref().is_some_and(|w| w.will_wake(d.waker)) {
-                    q.producer = Some(d.waker.clone());
-                }
+            let q = &mut *q;
+            if let Some(until) = d.wait(&mut q.full_since, &mut q.producer) {
                 return Pushed::Full { event, until };
             }
             q.missed += 1;
@@ -375,10 +381,8 @@ impl Backlog {
         if b.items.len() >= self.capacity {
             if b.ready_at.is_some() {
                 // The backlog counts as full since the connection became ready.
-                if let Some(until) = d.wait(&mut b.ready_at) {
-                    if !b.producer.as_ref().is_some_and(|w| w.will_wake(d.waker)) {
-                        b.producer = Some(d.waker.clone());
-                    }
+                let b = &mut *b;
+                if let Some(until) = d.wait(&mut b.ready_at, &mut b.producer) {
                     return Pushed::Full { event, until };
                 }
             }
@@ -439,15 +443,6 @@ pub(crate) struct Held {
     until: Option<Instant>,
 }
 
-/// The earlier of two deadlines, `None` being never.
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, None) => a,
-        (None, b) => b,
-    }
-}
-
 impl Held {
     /// When the driver must try again even if no queue got room: a wait ends then.
     pub(crate) fn until(&self) -> Option<Instant> {
@@ -463,7 +458,7 @@ impl Held {
             .retain(|target| match target.push(event.clone(), d) {
                 Pushed::Done { .. } => false,
                 Pushed::Full { until: u, .. } => {
-                    until = earliest(until, u);
+                    until = until.into_iter().chain(u).min();
                     true
                 }
             });
@@ -633,7 +628,7 @@ impl Hub {
             Pushed::Full { event, until: u } => {
                 waiting.push(Target::Subscriber(Arc::clone(sub)));
                 kept = Some(event);
-                until = earliest(until, u);
+                until = until.into_iter().chain(u).min();
             }
         };
         // Clone for all matches but the last, which takes the event itself.
