@@ -552,28 +552,26 @@ pub(crate) fn run_ops(data: &[u8]) -> Option<Summary> {
                 server.out.extend_from_slice(bytes);
                 // An id-less error among the junk answers a request like any other, and so does
                 // an object with an id but neither `return` nor `error`.
-                if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(bytes)
-                    && m.contains_key("id")
-                    && !["return", "error", "event"]
+                if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(bytes) {
+                    let reply = ["return", "error", "event"]
                         .iter()
-                        .any(|k| m.contains_key(*k))
-                {
-                    server.not_replies += 1;
-                }
-                if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(bytes)
-                    && let (Some(error), None) = (m.get("error"), m.get("id"))
-                {
-                    let field = |k: &str| error[k].as_str().unwrap_or_default().to_owned();
-                    server.idless.push(match error {
-                        Value::Object(_) => Expect::Error {
-                            class: field("class"),
-                            desc: field("desc"),
-                        },
-                        other => Expect::Error {
-                            class: String::new(),
-                            desc: other.to_string(),
-                        },
-                    });
+                        .any(|k| m.contains_key(*k));
+                    if m.contains_key("id") && !reply {
+                        server.not_replies += 1;
+                    }
+                    if let (Some(error), None) = (m.get("error"), m.get("id")) {
+                        let field = |k: &str| error[k].as_str().unwrap_or_default().to_owned();
+                        server.idless.push(match error {
+                            Value::Object(_) => Expect::Error {
+                                class: field("class"),
+                                desc: field("desc"),
+                            },
+                            other => Expect::Error {
+                                class: String::new(),
+                                desc: other.to_string(),
+                            },
+                        });
+                    }
                 }
                 server.framing_safe &= safe;
             }
